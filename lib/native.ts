@@ -1,0 +1,254 @@
+/**
+ * The typed face of the native addon: one interface, one loader.
+ *
+ * The addon is thin: each method does one syscall or ioctl (or one tight loop
+ * over memory) and returns raw results. Kernel structs cross the boundary as
+ * Buffers holding the exact kernel layout (struct kvm_regs, kvm_sregs, ...);
+ * TypeScript decodes the few fields it needs (lib/machine/x86.ts).
+ *
+ * Every failing call throws a NativeError shaped like Node's system errors.
+ */
+import path from 'node:path';
+
+/** Error thrown by every native wrapper: shaped like Node's SystemError. */
+export interface NativeError extends Error {
+  code: string; // 'EBADF'
+  errno: number; // negative, as in Node: -9
+  syscall: string; // 'ioctl', 'mmap', 'open', ...
+  op?: string; // 'KVM_GET_DIRTY_LOG'
+}
+
+/** One host mapping of guest RAM (anonymous, memfd or a shared file). */
+export interface GuestMemory {
+  readonly size: number;
+  /** Host virtual address, for diagnostics only. */
+  readonly address: bigint;
+  /**
+   * A zero-copy external ArrayBuffer over [offset, offset+length) of the
+   * mapping. length <= 1 GiB. The buffer keeps the mapping alive.
+   */
+  view(offset: number, length: number): ArrayBuffer;
+  /** madvise(MADV_DONTNEED) on a page-aligned range (postcopy discard). */
+  discard(offset: number, length: number): void;
+  /** Index of the first non-zero byte in [offset, offset+length), or -1. */
+  findNonZero(offset: number, length: number): number;
+  /**
+   * Zero-page scan of `pages` 4 KiB pages from offset: fills `out` (one byte
+   * per page) with 1 where the page is all zero, 0 otherwise.
+   */
+  scanZeroPages(offset: number, pages: number, out: Uint8Array): void;
+  /** munmap (and close the backing fd). Views become detached/unsafe to use after. */
+  close(): void;
+}
+
+export interface GuestMemoryOptions {
+  /** Back the mapping with this file (created/extended to size), MAP_SHARED. */
+  path?: string;
+  /** Use memfd_create (MAP_SHARED) instead of anonymous private memory. */
+  memfd?: boolean;
+}
+
+export interface KvmProbe {
+  apiVersion: number;
+  /** KVM_CHECK_EXTENSION results by capability name (0 = absent). */
+  caps: Record<string, number>;
+  maxVcpus: number;
+  /** KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 bits (0 = unsupported). */
+  manualDirtyLogProtect: number;
+  /** Size of struct kvm_xsave as KVM_CAP_XSAVE2 reports (4096 if absent). */
+  xsaveSize: number;
+}
+
+export interface Kvm {
+  readonly fd: number;
+  apiVersion(): number;
+  checkExtension(cap: number): number;
+  probe(): KvmProbe;
+  /** KVM_GET_MSR_INDEX_LIST: the MSRs a VMM must save and restore. */
+  msrIndexList(): number[];
+  /** KVM_GET_SUPPORTED_CPUID as raw struct kvm_cpuid2 bytes (header + entries). */
+  supportedCpuid(): Buffer;
+  createVm(): Vm;
+  close(): void;
+}
+
+export interface Vm {
+  readonly fd: number;
+  /**
+   * KVM_SET_USER_MEMORY_REGION. flags: 1 = KVM_MEM_LOG_DIRTY_PAGES.
+   * size 0 deletes the slot. The Vm keeps `memory` alive while mapped.
+   */
+  setMemorySlot(slot: number, gpa: number, memory: GuestMemory, memOffset: number, size: number, flags: number): void;
+  /** KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, bits). */
+  enableManualDirtyLogProtect(bits: number): void;
+  /**
+   * KVM_GET_DIRTY_LOG into `bitmap` (one bit per 4 KiB page, little-endian
+   * 64-bit words, length >= ceil(pages/64)*8). Read in place by the caller.
+   */
+  getDirtyLog(slot: number, bitmap: Uint8Array): void;
+  /** KVM_CLEAR_DIRTY_LOG for pages [firstPage, firstPage+numPages) set in bitmap. */
+  clearDirtyLog(slot: number, firstPage: number, numPages: number, bitmap: Uint8Array): void;
+  setTssAddr(gpa: number): void;
+  setIdentityMapAddr(gpa: number): void;
+  createIrqchip(): void;
+  /** KVM_CREATE_PIT2 with flags (0). */
+  createPit2(flags: number): void;
+  /** KVM_IRQ_LINE. */
+  irqLine(irq: number, level: number): void;
+  /** KVM_GET_IRQCHIP: chipId 0 = PIC master, 1 = PIC slave, 2 = IOAPIC. Raw struct kvm_irqchip. */
+  getIrqchip(chipId: number): Buffer;
+  setIrqchip(state: Buffer): void;
+  /** KVM_GET_PIT2 / KVM_SET_PIT2: raw struct kvm_pit_state2. */
+  getPit2(): Buffer;
+  setPit2(state: Buffer): void;
+  /** KVM_GET_CLOCK / KVM_SET_CLOCK: raw struct kvm_clock_data. */
+  getClock(): Buffer;
+  setClock(state: Buffer): void;
+  createVcpu(id: number): Vcpu;
+  /** Stops and joins every vCPU thread, closes vCPUs and the VM fd, drops memory refs. */
+  close(): void;
+}
+
+/** An exit the vCPU thread hands to JavaScript. */
+export type VcpuExit =
+  | {
+      reason: 'io';
+      /** 0 = in (guest reads: fill `data`), 1 = out. */
+      direction: 0 | 1;
+      port: number;
+      size: 1 | 2 | 4;
+      count: number;
+      /** View into kvm_run's I/O data area (size*count bytes). Valid only during the callback. */
+      data: Uint8Array;
+    }
+  | {
+      reason: 'mmio';
+      isWrite: boolean;
+      gpa: number;
+      len: number;
+      /** View into kvm_run.mmio.data (8 bytes). Valid only during the callback. */
+      data: Uint8Array;
+    }
+  | { reason: 'shutdown' }
+  | { reason: 'hlt' }
+  | { reason: 'internal-error'; suberror: number; data: number[] }
+  | { reason: 'fail-entry'; hardwareEntryFailureReason: number; cpu: number }
+  | { reason: 'system-event'; type: number }
+  | { reason: 'unknown'; exitReason: number }
+  /** KVM_RUN failed with an errno other than EINTR/EAGAIN. */
+  | { reason: 'error'; error: NativeError };
+
+/**
+ * A vCPU. Its KVM_RUN loop runs on its own native thread (never the libuv
+ * pool). Exits that need JS arrive through `onExit`, called on the JS thread
+ * while the vCPU thread waits; I/O data written into `exit.data` during the
+ * callback is what the guest reads. After 'shutdown', 'internal-error',
+ * 'fail-entry', 'system-event', 'unknown' or 'error' the thread parks itself
+ * (as if paused) until resume() or close().
+ */
+export interface Vcpu {
+  readonly fd: number;
+  readonly id: number;
+  /** Start the run thread; the vCPU starts paused unless `running` is true. */
+  start(onExit: (exit: VcpuExit) => void, running: boolean): void;
+  /**
+   * Stop KVM_RUN (immediate_exit + signal), completing any pending I/O
+   * instruction so that the state read afterwards is consistent. Resolves when
+   * the thread is parked and quiescent (within milliseconds).
+   */
+  pause(): Promise<void>;
+  resume(): void;
+  readonly running: boolean;
+  getRegs(): Buffer; // struct kvm_regs
+  setRegs(b: Buffer): void;
+  getSregs(): Buffer; // struct kvm_sregs
+  setSregs(b: Buffer): void;
+  getFpu(): Buffer; // struct kvm_fpu
+  setFpu(b: Buffer): void;
+  getXsave(): Buffer; // struct kvm_xsave (KVM_GET_XSAVE2 when available)
+  setXsave(b: Buffer): void;
+  getXcrs(): Buffer; // struct kvm_xcrs
+  setXcrs(b: Buffer): void;
+  /** KVM_GET_MSRS for the given indices; returns the values read (as BigInt). Throws if fewer were read. */
+  getMsrs(indices: number[]): bigint[];
+  /** KVM_SET_MSRS; returns the number of MSRs the kernel accepted. */
+  setMsrs(indices: number[], values: bigint[]): number;
+  getLapic(): Buffer; // struct kvm_lapic_state
+  setLapic(b: Buffer): void;
+  getVcpuEvents(): Buffer; // struct kvm_vcpu_events
+  setVcpuEvents(b: Buffer): void;
+  getMpState(): number;
+  setMpState(state: number): void;
+  getDebugRegs(): Buffer; // struct kvm_debugregs
+  setDebugRegs(b: Buffer): void;
+  /** KVM_SET_CPUID2 with raw struct kvm_cpuid2 bytes. */
+  setCpuid(b: Buffer): void;
+  /** KVM_GET_TSC_KHZ. */
+  getTscKhz(): number;
+  /** Stop and join the thread, close the fd. */
+  close(): void;
+}
+
+export interface UffdApi {
+  /** Features the kernel granted (UFFD_FEATURE_* bits). */
+  features: bigint;
+  /** Ioctls available (bitmask of _UFFDIO_* numbers). */
+  ioctls: bigint;
+}
+
+export type UffdEvent =
+  | { type: 'pagefault'; address: bigint; offset: number; flags: number; write: boolean; wp: boolean; minor: boolean; tid: number }
+  | { type: 'remove' | 'unmap' | 'fork' | 'remap'; raw: Buffer };
+
+/** userfaultfd over one GuestMemory mapping; offsets are relative to it. */
+export interface Uffd {
+  readonly fd: number;
+  /** UFFDIO_API with the requested features; throws if the kernel refuses. */
+  api(features: bigint): UffdApi;
+  /** UFFDIO_REGISTER. mode bits: 1 = MISSING, 2 = WP, 4 = MINOR. Returns the ioctls bitmask for the range. */
+  register(memory: GuestMemory, offset: number, length: number, mode: number): bigint;
+  unregister(memory: GuestMemory, offset: number, length: number): void;
+  /** Non-blocking read of pending events (empty array on EAGAIN). */
+  readEvents(max: number): UffdEvent[];
+  /** UFFDIO_COPY `src` into the mapping at offset. mode: 1 = DONTWAKE, 2 = WP. Returns bytes copied. */
+  copy(memory: GuestMemory, offset: number, src: Uint8Array, mode: number): number;
+  /** UFFDIO_ZEROPAGE. */
+  zeropage(memory: GuestMemory, offset: number, length: number, mode: number): number;
+  /** UFFDIO_WRITEPROTECT: protect = true sets WP, false clears it (and wakes unless dontWake). */
+  writeProtect(memory: GuestMemory, offset: number, length: number, protect: boolean, dontWake: boolean): void;
+  /** UFFDIO_WAKE. */
+  wake(memory: GuestMemory, offset: number, length: number): void;
+  close(): void;
+}
+
+/** uv_poll on an fd, driving a callback on the JS thread. */
+export interface FdPoller {
+  /** events: 1 = readable, 2 = writable. cb gets (status, events). */
+  start(events: number, cb: (status: number, events: number) => void): void;
+  stop(): void;
+  close(): void;
+}
+
+export interface Binding {
+  Kvm: new (path?: string) => Kvm;
+  GuestMemory: new (size: number, options?: GuestMemoryOptions) => GuestMemory;
+  /** flags: O_CLOEXEC | O_NONBLOCK are always added. useDevice: open /dev/userfaultfd instead of the syscall. */
+  Uffd: new (useDevice?: boolean) => Uffd;
+  FdPoller: new (fd: number) => FdPoller;
+  /** recvmsg on a non-blocking socket fd: bytes read into buf and any SCM_RIGHTS fds (O_CLOEXEC). null on EAGAIN; bytes 0 = EOF. */
+  recvWithFds(fd: number, buf: Uint8Array): { bytes: number; fds: number[] } | null;
+  /** Numbers of kernel constants the addon was built with, for probing and tests. */
+  constants: Record<string, number>;
+}
+
+let cached: Binding | undefined;
+
+/** Load the addon once (node-gyp-build finds build/Release or a prebuild). */
+export function native(): Binding {
+  if (!cached) {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const load = require('node-gyp-build') as (dir: string) => Binding;
+    cached = load(path.join(__dirname, '..', '..'));
+  }
+  return cached;
+}

@@ -1,0 +1,5 @@
+// STUB: replaced by the real implementation.
+#include "addon.h"
+namespace ferry {
+void InitUffd(Napi::Env, Napi::Object) {}
+}
