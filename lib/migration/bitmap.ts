@@ -1,0 +1,114 @@
+/**
+ * Page bitmaps for migration: one bit per 4 KiB target page of a RAM block,
+ * stored as little-endian 64-bit words (the layout KVM_GET_DIRTY_LOG fills
+ * and QEMU's RECV_BITMAP carries), accessed here as 32-bit words because
+ * JavaScript bit operations are 32-bit.
+ *
+ * Invariant: bits past `pages` in the last word are always zero, so counts
+ * and scans never report pages outside the block.
+ */
+export class PageBitmap {
+  readonly pages: number;
+  /** Backing bytes, a multiple of 8 long (KVM and RECV_BITMAP word size). */
+  readonly bytes: Uint8Array;
+  private readonly words: Uint32Array;
+
+  constructor(pages: number, bytes?: Uint8Array) {
+    if (!Number.isSafeInteger(pages) || pages < 0) throw new RangeError(`invalid page count ${pages}`);
+    this.pages = pages;
+    const size = PageBitmap.byteLength(pages);
+    if (bytes && (bytes.byteLength < size || bytes.byteOffset % 4 !== 0)) {
+      throw new RangeError(`bitmap buffer of ${bytes.byteLength} bytes is too small or unaligned for ${pages} pages`);
+    }
+    this.bytes = bytes ? bytes.subarray(0, size) : new Uint8Array(size);
+    this.words = new Uint32Array(this.bytes.buffer, this.bytes.byteOffset, size / 4);
+  }
+
+  /** Bytes needed for `pages` bits, rounded up to whole 64-bit words. */
+  static byteLength(pages: number): number {
+    return Math.ceil(pages / 64) * 8;
+  }
+
+  get(page: number): boolean {
+    return (this.words[page >>> 5]! & (1 << (page & 31))) !== 0;
+  }
+
+  set(page: number): void {
+    this.words[page >>> 5]! |= 1 << (page & 31);
+  }
+
+  clear(page: number): void {
+    this.words[page >>> 5]! &= ~(1 << (page & 31));
+  }
+
+  setAll(): void {
+    this.words.fill(0xffffffff);
+    this.trimTail();
+  }
+
+  clearAll(): void {
+    this.words.fill(0);
+  }
+
+  /** Sets [first, first+count). */
+  setRange(first: number, count: number): void {
+    for (let p = first; p < first + count; p++) this.set(p);
+  }
+
+  /** this |= other (other must cover the same pages). */
+  or(other: PageBitmap | Uint8Array): void {
+    const src = other instanceof PageBitmap ? other.words : new Uint32Array(other.buffer, other.byteOffset, this.words.length);
+    const w = this.words;
+    for (let i = 0; i < w.length; i++) w[i]! |= src[i]!;
+    this.trimTail();
+  }
+
+  /** this = ~this (used to turn a received bitmap into a to-send bitmap). */
+  invert(): void {
+    const w = this.words;
+    for (let i = 0; i < w.length; i++) w[i] = ~w[i]! >>> 0;
+    this.trimTail();
+  }
+
+  /** Number of set bits. */
+  count(): number {
+    let n = 0;
+    const w = this.words;
+    for (let i = 0; i < w.length; i++) {
+      let v = w[i]!;
+      if (v === 0) continue;
+      v = v - ((v >>> 1) & 0x55555555);
+      v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
+      n += (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
+    }
+    return n;
+  }
+
+  /** First set page at or after `from`, or -1. */
+  next(from: number): number {
+    if (from >= this.pages) return -1;
+    const w = this.words;
+    let i = from >>> 5;
+    let v = w[i]! & (0xffffffff << (from & 31));
+    while (v === 0) {
+      if (++i >= w.length) return -1;
+      v = w[i]!;
+    }
+    const page = (i << 5) + (31 - Math.clz32(v & -v));
+    return page < this.pages ? page : -1;
+  }
+
+  /** Length of the run of set pages starting at `page`, at most `max`. */
+  runLength(page: number, max: number): number {
+    let n = 0;
+    while (n < max && page + n < this.pages && this.get(page + n)) n++;
+    return n;
+  }
+
+  private trimTail(): void {
+    const extra = this.words.length * 32 - this.pages;
+    if (extra <= 0) return;
+    // Zero bits past `pages` in the last words (may span two 32-bit words).
+    for (let p = this.pages; p < this.words.length * 32; p++) this.words[p >>> 5]! &= ~(1 << (p & 31));
+  }
+}

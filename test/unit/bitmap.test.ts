@@ -1,0 +1,51 @@
+import assert from 'node:assert/strict';
+import fc from 'fast-check';
+import { PageBitmap } from '../../lib/migration/bitmap';
+
+describe('PageBitmap', () => {
+  it('rounds storage to 64-bit words and keeps the tail clear', () => {
+    const b = new PageBitmap(70);
+    assert.equal(b.bytes.byteLength, 16);
+    b.setAll();
+    assert.equal(b.count(), 70);
+    b.invert();
+    assert.equal(b.count(), 0);
+    b.invert();
+    assert.equal(b.next(69), 69);
+    assert.equal(b.next(70), -1);
+  });
+
+  it('next/runLength/count agree with a reference set', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 500 }), fc.array(fc.nat(499), { maxLength: 200 }), (pages, marks) => {
+        const b = new PageBitmap(pages);
+        const ref = new Set<number>();
+        for (const m of marks) if (m < pages) { b.set(m); ref.add(m); }
+        assert.equal(b.count(), ref.size);
+        const seen: number[] = [];
+        for (let p = b.next(0); p !== -1; p = b.next(p + 1)) seen.push(p);
+        assert.deepEqual(seen, [...ref].sort((x, y) => x - y));
+        for (const p of ref) {
+          let run = 0;
+          while (ref.has(p + run)) run++;
+          assert.equal(b.runLength(p, 1000), run);
+        }
+      }),
+    );
+  });
+
+  it('or() merges a KVM-layout byte bitmap and clear() removes', () => {
+    const b = new PageBitmap(128);
+    const kvm = new Uint8Array(16);
+    kvm[0] = 0b101; // pages 0 and 2
+    kvm[15] = 0x80; // page 127
+    b.or(kvm);
+    assert.deepEqual([b.get(0), b.get(1), b.get(2), b.get(127)], [true, false, true, true]);
+    b.clear(2);
+    assert.equal(b.count(), 2);
+  });
+
+  it('rejects a too-small buffer', () => {
+    assert.throws(() => new PageBitmap(128, new Uint8Array(8)), /too small/);
+  });
+});
