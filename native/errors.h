@@ -13,4 +13,8 @@ Napi::Error SystemError(Napi::Env env, int err, const char* syscall, const char*
 [[noreturn]] void ThrowSystemError(Napi::Env env, int err, const char* syscall, const char* op);
 // Throws a TypeError/RangeError with code ERR_INVALID_ARG_VALUE for bad arguments.
 [[noreturn]] void ThrowArgError(Napi::Env env, const char* message);
+// Throws a RangeError with code ERR_OUT_OF_RANGE (offsets, lengths, sizes).
+[[noreturn]] void ThrowRangeError(Napi::Env env, const char* message);
+// Throws an Error with a stable code (ERR_VCPU_RUNNING, ERR_MEMORY_CLOSED...).
+[[noreturn]] void ThrowCodeError(Napi::Env env, const char* code, const char* message);
 }  // namespace ferry

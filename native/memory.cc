@@ -1,5 +1,325 @@
-// STUB: replaced by the real implementation.
+// GuestMemory: guest RAM as one host mapping, plus the few tight loops over it
+// that JavaScript would do too slowly (zero-page and non-zero scans).
+//
+// Backing (constructor options):
+//   default  mmap(MAP_PRIVATE|MAP_ANONYMOUS|MAP_NORESERVE)
+//   memfd    memfd_create(MFD_CLOEXEC) + ftruncate, MAP_SHARED
+//   path     open(O_RDWR|O_CREAT|O_CLOEXEC, 0600), extended with ftruncate
+//            if smaller than `size`, MAP_SHARED
+//
+// INVARIANTS
+// - Views are external ArrayBuffers over the mapping (no copy). Each holds a
+//   reference on the Mapping and a weak napi_ref lets close() find it.
+//   close() detaches every live view (napi_detach_arraybuffer) BEFORE munmap,
+//   so JS never sees a buffer over unmapped memory; a detached view reads as
+//   length 0. After close() the Mapping record lingers only until the views'
+//   finalizers run (they no longer own any memory).
+// - Everything here runs on the JS thread of the env that created the object
+//   (views, finalizers and close), so the Mapping needs no lock.
+// - Other native code (Vm memslots, Uffd) holds the GuestMemory JS object, not
+//   the Mapping: after close() they see closed() and must not use base().
+#include "memory.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <string>
+
 #include "addon.h"
+#include "errors.h"
+#include "util.h"
+
 namespace ferry {
-void InitMemory(Napi::Env, Napi::Object) {}
+
+constexpr uint64_t kPage = 4096;
+constexpr uint64_t kMaxView = 1ULL << 30;  // 1 GiB per view (Node 20 caps external buffers at 4 GiB)
+
+struct ViewRec {
+  Mapping* mapping;
+  napi_ref weak;  // weak (refcount 0): lets close() detach a live view
+  std::list<ViewRec*>::iterator pos;
+};
+
+struct Mapping {
+  uint8_t* base = nullptr;  // SAFETY: mmap'd for size bytes until Unmap()
+  size_t size = 0;
+  int fd = -1;              // memfd or backing file, -1 for anonymous
+  int refs = 1;             // the GuestMemory + one per live view
+  std::list<ViewRec*> views;
+
+  void Unmap() {
+    if (base != nullptr) {
+      // SAFETY: every view over [base, base+size) has been detached or
+      // collected before we get here (see Close / Unref).
+      munmap(base, size);
+      base = nullptr;
+    }
+    if (fd >= 0) {
+      close(fd);
+      fd = -1;
+    }
+  }
+  void Unref() {
+    if (--refs == 0) {
+      Unmap();
+      delete this;
+    }
+  }
+};
+
+static const napi_type_tag kMemoryTag = {0x6665727279676d65ULL, 0x6d6f72792d746167ULL};
+
+Napi::Function GuestMemory::Class(Napi::Env env) {
+  return DefineClass(env, "GuestMemory",
+                     {
+                         InstanceMethod<&GuestMemory::View>("view"),
+                         InstanceMethod<&GuestMemory::Discard>("discard"),
+                         InstanceMethod<&GuestMemory::FindNonZero>("findNonZero"),
+                         InstanceMethod<&GuestMemory::ScanZeroPages>("scanZeroPages"),
+                         InstanceMethod<&GuestMemory::Close>("close"),
+                         InstanceAccessor<&GuestMemory::GetSize>("size"),
+                         InstanceAccessor<&GuestMemory::GetAddress>("address"),
+                     });
 }
+
+GuestMemory* GuestMemory::From(Napi::Value v) {
+  if (!HasTag(v.Env(), v, &kMemoryTag)) ThrowArgError(v.Env(), "expected a GuestMemory");
+  return Napi::ObjectWrap<GuestMemory>::Unwrap(v.As<Napi::Object>());
+}
+
+GuestMemory::GuestMemory(const Napi::CallbackInfo& info) : Napi::ObjectWrap<GuestMemory>(info) {
+  Napi::Env env = info.Env();
+  uint64_t size = ArgU64(info, 0, "size", 1ULL << 46);
+  if (size == 0 || size % kPage != 0) ThrowRangeError(env, "size must be a non-zero multiple of 4096");
+  std::string path;
+  bool memfd = false;
+  if (info.Length() > 1 && info[1].IsObject()) {
+    Napi::Object o = info[1].As<Napi::Object>();
+    Napi::Value p = o.Get("path");
+    if (!p.IsUndefined() && !p.IsNull()) {
+      if (!p.IsString()) ThrowArgError(env, "options.path must be a string");
+      path = p.As<Napi::String>().Utf8Value();
+    }
+    memfd = o.Get("memfd").ToBoolean();
+    if (memfd && !path.empty()) ThrowArgError(env, "options.path and options.memfd are exclusive");
+  }
+
+  int fd = -1;
+  if (!path.empty()) {
+    fd = open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    if (fd < 0) ThrowSystemError(env, errno, "open", "GuestMemory");
+    struct stat st;
+    if (fstat(fd, &st) < 0) {
+      int err = errno;
+      close(fd);
+      ThrowSystemError(env, err, "fstat", "GuestMemory");
+    }
+    if (static_cast<uint64_t>(st.st_size) < size && ftruncate(fd, static_cast<off_t>(size)) < 0) {
+      int err = errno;
+      close(fd);
+      ThrowSystemError(env, err, "ftruncate", "GuestMemory");
+    }
+  } else if (memfd) {
+    fd = memfd_create("ferry-guest-ram", MFD_CLOEXEC);
+    if (fd < 0) ThrowSystemError(env, errno, "memfd_create", "GuestMemory");
+    if (ftruncate(fd, static_cast<off_t>(size)) < 0) {
+      int err = errno;
+      close(fd);
+      ThrowSystemError(env, err, "ftruncate", "GuestMemory");
+    }
+  }
+  int flags = fd >= 0 ? MAP_SHARED | MAP_NORESERVE : MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+  // SAFETY: a fresh mapping owned by this object until Mapping::Unmap.
+  void* p = mmap(nullptr, size, PROT_READ | PROT_WRITE, flags, fd, 0);
+  if (p == MAP_FAILED) {
+    int err = errno;
+    if (fd >= 0) close(fd);
+    ThrowSystemError(env, err, "mmap", "GuestMemory");
+  }
+  mapping_ = new Mapping();
+  mapping_->base = static_cast<uint8_t*>(p);
+  mapping_->size = size;
+  mapping_->fd = fd;
+  base_ = mapping_->base;
+  size_ = size;
+  TagObject(env, info.This().As<Napi::Object>(), &kMemoryTag);
+}
+
+GuestMemory::~GuestMemory() {
+  // Backstop: views still alive keep the mapping until they are collected.
+  if (mapping_ != nullptr) mapping_->Unref();
+  mapping_ = nullptr;
+  base_ = nullptr;
+}
+
+void GuestMemory::CheckRange(Napi::Env env, uint64_t offset, uint64_t length, bool aligned) const {
+  if (closed()) ThrowCodeError(env, "ERR_MEMORY_CLOSED", "GuestMemory is closed");
+  if (offset > size_ || length > size_ - offset)
+    ThrowRangeError(env, ("range [" + std::to_string(offset) + ", +" + std::to_string(length) +
+                          ") is outside the mapping of " + std::to_string(size_) + " bytes")
+                             .c_str());
+  if (aligned && (offset % kPage != 0 || length % kPage != 0))
+    ThrowRangeError(env, "offset and length must be multiples of 4096");
+}
+
+static void FinalizeView(napi_env env, void* /*data*/, void* hint) {
+  // Runs on the JS thread after the buffer died or was detached.
+  ViewRec* rec = static_cast<ViewRec*>(hint);
+  Mapping* m = rec->mapping;
+  m->views.erase(rec->pos);
+  if (env != nullptr) napi_delete_reference(env, rec->weak);
+  delete rec;
+  m->Unref();
+}
+
+Napi::Value GuestMemory::View(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t offset = ArgU64(info, 0, "offset");
+  uint64_t length = ArgU64(info, 1, "length");
+  if (length > kMaxView) ThrowRangeError(env, "view length must be <= 1 GiB");
+  CheckRange(env, offset, length, false);
+
+  ViewRec* rec = new ViewRec{mapping_, nullptr, {}};
+  mapping_->refs++;
+  rec->pos = mapping_->views.insert(mapping_->views.end(), rec);
+  napi_value ab = nullptr;
+  // The C API, not Napi::ArrayBuffer::New: on failure Node runs the finalizer
+  // itself (node-addon-api 8.9.2 would then free its hint twice). If the
+  // finalizer did run, `rec` is gone; we tell by the mapping's view list.
+  napi_status st = napi_create_external_arraybuffer(env, base_ + offset, length, FinalizeView, rec, &ab);
+  if (st != napi_ok) {
+    bool still_listed = false;
+    for (ViewRec* r : mapping_->views) still_listed |= (r == rec);
+    if (still_listed) {
+      mapping_->views.erase(rec->pos);
+      delete rec;
+      mapping_->refs--;
+    }
+    if (env.IsExceptionPending()) throw env.GetAndClearPendingException();
+    ThrowCodeError(env, "ERR_VIEW_FAILED", "napi_create_external_arraybuffer failed");
+  }
+  if (napi_create_reference(env, ab, 0, &rec->weak) != napi_ok) rec->weak = nullptr;
+  return Napi::Value(env, ab);
+}
+
+Napi::Value GuestMemory::Discard(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t offset = ArgU64(info, 0, "offset");
+  uint64_t length = ArgU64(info, 1, "length");
+  CheckRange(env, offset, length, true);
+  if (length == 0) return env.Undefined();
+  // Shared backings keep pages in the page cache: punch them out too, so the
+  // range reads as zero and counts as missing for userfaultfd.
+  if (mapping_->fd >= 0 &&
+      fallocate(mapping_->fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(offset),
+                static_cast<off_t>(length)) < 0)
+    ThrowSystemError(env, errno, "fallocate", "FALLOC_FL_PUNCH_HOLE");
+  // SAFETY: page-aligned range inside our own mapping (checked above).
+  if (madvise(base_ + offset, length, MADV_DONTNEED) < 0) ThrowSystemError(env, errno, "madvise", "MADV_DONTNEED");
+  return env.Undefined();
+}
+
+// Offset of the first non-zero byte in [p, p+n), or n. Word loop on the
+// aligned middle, four words per step.
+static size_t FirstNonZero(const uint8_t* p, size_t n) {
+  size_t i = 0;
+  while (i < n && (reinterpret_cast<uintptr_t>(p + i) & 7) != 0) {
+    if (p[i] != 0) return i;
+    i++;
+  }
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(p + i);
+  size_t words = (n - i) / 8;
+  size_t k = 0;
+  for (; k + 4 <= words; k += 4) {
+    if ((w[k] | w[k + 1] | w[k + 2] | w[k + 3]) != 0) break;
+  }
+  for (; k < words; k++) {
+    if (w[k] != 0) break;
+  }
+  i += k * 8;
+  for (; i < n; i++) {
+    if (p[i] != 0) return i;
+  }
+  return n;
+}
+
+static bool PageIsZero(const uint8_t* page) {
+  // page is 4 KiB aligned: 512 words, checked 8 at a time with early exit.
+  const uint64_t* w = reinterpret_cast<const uint64_t*>(page);
+  for (size_t k = 0; k < kPage / 8; k += 8) {
+    uint64_t acc = w[k] | w[k + 1] | w[k + 2] | w[k + 3] | w[k + 4] | w[k + 5] | w[k + 6] | w[k + 7];
+    if (acc != 0) return false;
+  }
+  return true;
+}
+
+Napi::Value GuestMemory::FindNonZero(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t offset = ArgU64(info, 0, "offset");
+  uint64_t length = ArgU64(info, 1, "length");
+  CheckRange(env, offset, length, false);
+  size_t at = FirstNonZero(base_ + offset, length);
+  if (at == length) return Napi::Number::New(env, -1);
+  return Napi::Number::New(env, static_cast<double>(offset + at));
+}
+
+Napi::Value GuestMemory::ScanZeroPages(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t offset = ArgU64(info, 0, "offset");
+  uint64_t pages = ArgU64(info, 1, "pages", size_ / kPage);
+  auto [out, outLen] = ArgBytes(info, 2, "out");
+  if (outLen < pages) ThrowRangeError(env, "out is shorter than pages");
+  CheckRange(env, offset, pages * kPage, true);
+  const uint8_t* p = base_ + offset;
+  for (uint64_t i = 0; i < pages; i++) out[i] = PageIsZero(p + i * kPage) ? 1 : 0;
+  return env.Undefined();
+}
+
+Napi::Value GuestMemory::Close(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (mapping_ == nullptr) return env.Undefined();
+  // Detach every live view first: after this no JS object points into the
+  // mapping, so munmap below cannot leave a dangling buffer.
+  for (ViewRec* rec : mapping_->views) {
+    if (rec->weak == nullptr) continue;
+    napi_value v = nullptr;
+    if (napi_get_reference_value(env, rec->weak, &v) == napi_ok && v != nullptr) {
+      bool detached = false;
+      napi_is_detached_arraybuffer(env, v, &detached);
+      if (!detached && napi_detach_arraybuffer(env, v) != napi_ok) {
+        // Not detachable (should not happen for our external buffers): keep
+        // the mapping alive for it rather than unmap under it.
+        base_ = nullptr;
+        size_ = 0;
+        Mapping* m = mapping_;
+        mapping_ = nullptr;
+        m->Unref();
+        ThrowCodeError(env, "ERR_VIEW_NOT_DETACHABLE", "a view could not be detached; mapping kept until it is collected");
+      }
+    }
+  }
+  mapping_->Unmap();
+  Mapping* m = mapping_;
+  mapping_ = nullptr;
+  base_ = nullptr;
+  size_ = 0;
+  m->Unref();
+  return env.Undefined();
+}
+
+Napi::Value GuestMemory::GetSize(const Napi::CallbackInfo& info) {
+  return Napi::Number::New(info.Env(), static_cast<double>(size_));
+}
+
+Napi::Value GuestMemory::GetAddress(const Napi::CallbackInfo& info) {
+  return Napi::BigInt::New(info.Env(), static_cast<uint64_t>(reinterpret_cast<uintptr_t>(base_)));
+}
+
+void InitMemory(Napi::Env env, Napi::Object exports) {
+  exports.Set("GuestMemory", GuestMemory::Class(env));
+}
+
+}  // namespace ferry

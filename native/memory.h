@@ -1,10 +1,14 @@
 // GuestMemory: one host mapping of guest RAM, shared by Vm (memslots) and Uffd.
 #pragma once
 #include <napi.h>
+
 #include <cstddef>
 #include <cstdint>
+#include <list>
 
 namespace ferry {
+struct Mapping;
+
 class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
  public:
   static Napi::Function Class(Napi::Env env);
@@ -16,8 +20,9 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   uint8_t* base() const { return base_; }
   size_t size() const { return size_; }
   bool closed() const { return base_ == nullptr; }
-  // Throws RangeError unless [offset, offset+length) lies inside the mapping
-  // and (if aligned) both are 4 KiB aligned.
+  // Throws RangeError (ERR_OUT_OF_RANGE) unless [offset, offset+length) lies
+  // inside the mapping and (if aligned) both are 4 KiB aligned; throws
+  // ERR_MEMORY_CLOSED after close().
   void CheckRange(Napi::Env env, uint64_t offset, uint64_t length, bool aligned) const;
 
  private:
@@ -28,14 +33,13 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value GetSize(const Napi::CallbackInfo& info);
   Napi::Value GetAddress(const Napi::CallbackInfo& info);
-  void Unmap();
 
-  uint8_t* base_ = nullptr;  // SAFETY: valid for size_ bytes until Unmap()
+  uint8_t* base_ = nullptr;  // SAFETY: valid for size_ bytes until close()
   size_t size_ = 0;
-  int fd_ = -1;              // backing file or memfd, -1 for anonymous
-  // External ArrayBuffers handed to JS hold a native refcount on the mapping;
-  // munmap happens only when close() was called AND no view is alive
-  // (views keep the memory valid: never unmap under a live ArrayBuffer).
-  struct Mapping* mapping_ = nullptr;
+  // Owns the mapping and the backing fd. JS views (external ArrayBuffers) each
+  // hold a reference; close() detaches every live view and unmaps at once, so
+  // no JS object can reach unmapped memory and closing really frees it. Without
+  // close(), the mapping goes when this object and every view are collected.
+  Mapping* mapping_ = nullptr;
 };
 }  // namespace ferry
