@@ -190,43 +190,109 @@ export interface Vcpu {
 }
 
 export interface UffdApi {
-  /** Features the kernel granted (UFFD_FEATURE_* bits). */
+  /**
+   * UFFD_FEATURE_* bits the kernel reports. The kernel reports every feature
+   * it supports (not only the requested ones); only the requested features
+   * are enabled on this fd. So api(0n) on a fresh Uffd is the feature probe.
+   */
   features: bigint;
-  /** Ioctls available (bitmask of _UFFDIO_* numbers). */
+  /** Ioctls available (bitmask of 1n << _UFFDIO_* bit numbers, see constants). */
   ioctls: bigint;
 }
 
-export type UffdEvent =
-  | { type: 'pagefault'; address: bigint; offset: number; flags: number; write: boolean; wp: boolean; minor: boolean; tid: number }
-  | { type: 'remove' | 'unmap' | 'fork' | 'remap'; raw: Buffer };
+/**
+ * Thrown by Uffd.api when the kernel lacks requested features: code 'EINVAL',
+ * errno -22, syscall 'ioctl', op 'UFFDIO_API', plus the bits involved.
+ */
+export interface UffdFeatureError extends NativeError {
+  requestedFeatures: bigint;
+  availableFeatures: bigint;
+  missingFeatures: bigint;
+}
 
-/** userfaultfd over one GuestMemory mapping; offsets are relative to it. */
+export type UffdEvent =
+  | {
+      type: 'pagefault';
+      /** Faulting address (page-aligned unless UFFD_FEATURE_EXACT_ADDRESS). */
+      address: bigint;
+      /** Offset of `address` in `memory`, the registered mapping containing it (-1/null if none). */
+      offset: number;
+      memory: GuestMemory | null;
+      /** UFFD_PAGEFAULT_FLAG_* bits, decoded below. */
+      flags: number;
+      write: boolean;
+      wp: boolean;
+      minor: boolean;
+      /** Faulting thread id; 0 unless UFFD_FEATURE_THREAD_ID was enabled. */
+      tid: number;
+    }
+  /** Non-fault events: the raw 32-byte struct uffd_msg. A 'fork' message carries a new uffd the caller must close. */
+  | { type: 'remove' | 'unmap' | 'fork' | 'remap' | 'unknown'; event: number; raw: Buffer };
+
+/**
+ * userfaultfd over GuestMemory mappings; offsets are relative to the mapping
+ * passed to each call. Every method except close() throws EBADF after close().
+ * The Uffd keeps every GuestMemory it registered alive until close().
+ */
 export interface Uffd {
+  /** -1 after close(). */
   readonly fd: number;
-  /** UFFDIO_API with the requested features; throws if the kernel refuses. */
+  /**
+   * True when the syscall was restricted (vm.unprivileged_userfaultfd=0
+   * without CAP_SYS_PTRACE) and the fd was created with UFFD_USER_MODE_ONLY:
+   * faults the kernel takes for us (a KVM vCPU touching guest RAM) then fail
+   * instead of waiting. Use useDevice=true (/dev/userfaultfd) in that case.
+   */
+  readonly userModeOnly: boolean;
+  /** UFFDIO_API with the requested features; throws (UffdFeatureError when bits are missing) if the kernel refuses. Once per fd. */
   api(features: bigint): UffdApi;
   /** UFFDIO_REGISTER. mode bits: 1 = MISSING, 2 = WP, 4 = MINOR. Returns the ioctls bitmask for the range. */
   register(memory: GuestMemory, offset: number, length: number, mode: number): bigint;
   unregister(memory: GuestMemory, offset: number, length: number): void;
-  /** Non-blocking read of pending events (empty array on EAGAIN). */
+  /** Non-blocking read of up to max (<= 1024) pending events (empty array on EAGAIN). */
   readEvents(max: number): UffdEvent[];
-  /** UFFDIO_COPY `src` into the mapping at offset. mode: 1 = DONTWAKE, 2 = WP. Returns bytes copied. */
+  /**
+   * UFFDIO_COPY `src` into the mapping at offset. mode: 1 = DONTWAKE, 2 = WP.
+   * Returns bytes placed: less than src.length (maybe 0) after EAGAIN, retry
+   * the rest. A page already present throws code 'EEXIST'.
+   */
   copy(memory: GuestMemory, offset: number, src: Uint8Array, mode: number): number;
-  /** UFFDIO_ZEROPAGE. */
+  /** UFFDIO_ZEROPAGE (mode 1 = DONTWAKE). Returns bytes placed, as copy. */
   zeropage(memory: GuestMemory, offset: number, length: number, mode: number): number;
   /** UFFDIO_WRITEPROTECT: protect = true sets WP, false clears it (and wakes unless dontWake). */
   writeProtect(memory: GuestMemory, offset: number, length: number, protect: boolean, dontWake: boolean): void;
   /** UFFDIO_WAKE. */
   wake(memory: GuestMemory, offset: number, length: number): void;
+  /** Idempotent. Drops the GuestMemory references. */
   close(): void;
 }
 
-/** uv_poll on an fd, driving a callback on the JS thread. */
+/**
+ * uv_poll on a dup of an fd, driving a callback on the JS thread. Polling a
+ * dup keeps it from clashing with libuv's own watcher on the same fd number
+ * (a net.Socket's handle), but holds the open file until close(): close the
+ * poller with the fd's owner (a uffd's waiting faults are released, a socket's
+ * peer sees EOF, only when the poller is closed too). uv_poll_init makes the
+ * shared file description O_NONBLOCK.
+ */
 export interface FdPoller {
-  /** events: 1 = readable, 2 = writable. cb gets (status, events). */
+  /** The polled dup, -1 after close(). */
+  readonly fd: number;
+  /** events: 1 = readable, 2 = writable. cb gets (status, events); status < 0 is a negative errno. */
   start(events: number, cb: (status: number, events: number) => void): void;
   stop(): void;
+  /** Idempotent; the dup is closed once libuv releases the handle. */
   close(): void;
+}
+
+/** Result of testTouch (test-only). */
+export interface TouchResult {
+  /** Thread id of the touching thread (matches a pagefault event's tid with UFFD_FEATURE_THREAD_ID). */
+  tid: number;
+  /** Byte read at each touched page (after the write, if any). */
+  values: number[];
+  /** Nanoseconds each access took (fault wait included). */
+  ns: number[];
 }
 
 export interface Binding {
@@ -236,7 +302,19 @@ export interface Binding {
   Uffd: new (useDevice?: boolean) => Uffd;
   FdPoller: new (fd: number) => FdPoller;
   /** recvmsg on a non-blocking socket fd: bytes read into buf and any SCM_RIGHTS fds (O_CLOEXEC). null on EAGAIN; bytes 0 = EOF. */
-  recvWithFds(fd: number, buf: Uint8Array): { bytes: number; fds: number[] } | null;
+  recvWithFds(fd: number, buf: Uint8Array): { bytes: number; fds: number[]; truncated?: true } | null;
+  /**
+   * sendmsg with SCM_RIGHTS (MSG_DONTWAIT | MSG_NOSIGNAL): bytes sent, or null
+   * on EAGAIN (nothing sent). data must be non-empty when fds are sent; at
+   * most 253 fds.
+   */
+  sendWithFds(fd: number, data: Uint8Array, fds: number[]): number | null;
+  /**
+   * TEST-ONLY: access `pages` pages of memory from a fresh native thread
+   * (write `value` first if write), so tests can take real userfaults. The
+   * promise settles when every access completed.
+   */
+  testTouch(memory: GuestMemory, offset: number, write: boolean, value?: number, pages?: number): Promise<TouchResult>;
   /** Numbers of kernel constants the addon was built with, for probing and tests. */
   constants: Record<string, number>;
 }
