@@ -134,11 +134,10 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     if (fd_ < 0) ThrowSystemError(Env(), EBADF, syscallName, op);
   }
 
-  // The GuestMemory argument, checked open, with [off, off+len) inside it.
+  // The GuestMemory argument, open, with [off, off+len) inside it.
   GuestMemory* Range(const Napi::CallbackInfo& info, uint64_t off, uint64_t len, bool aligned) {
     GuestMemory* m = GuestMemory::From(info[0]);
-    if (m->closed()) ThrowArgError(info.Env(), "GuestMemory is closed");
-    m->CheckRange(info.Env(), off, len, aligned);
+    m->CheckRange(info.Env(), off, len, aligned);  // also ERR_MEMORY_CLOSED
     return m;
   }
 
@@ -415,7 +414,6 @@ double NowNs() {
 Napi::Value TestTouch(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   GuestMemory* m = GuestMemory::From(info[0]);
-  if (m->closed()) ThrowArgError(env, "GuestMemory is closed");
   uint64_t off = ArgU64(info, 1, "offset");
   bool write = info[2].ToBoolean().Value();
   uint64_t value = info.Length() > 3 && !info[3].IsUndefined() ? ArgU64(info, 3, "value") : 0;
