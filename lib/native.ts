@@ -261,6 +261,11 @@ export interface Uffd {
   zeropage(memory: GuestMemory, offset: number, length: number, mode: number): number;
   /** UFFDIO_WRITEPROTECT: protect = true sets WP, false clears it (and wakes unless dontWake). */
   writeProtect(memory: GuestMemory, offset: number, length: number, protect: boolean, dontWake: boolean): void;
+  /**
+   * UFFDIO_CONTINUE after a MINOR fault: map the page already in the page
+   * cache (shmem/memfd/hugetlbfs). mode: 1 = DONTWAKE, 2 = WP. Returns bytes mapped, as copy.
+   */
+  continue(memory: GuestMemory, offset: number, length: number, mode: number): number;
   /** UFFDIO_WAKE. */
   wake(memory: GuestMemory, offset: number, length: number): void;
   /** Idempotent. Drops the GuestMemory references. */

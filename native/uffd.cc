@@ -20,7 +20,7 @@
 //   the subset requested; only the requested ones are enabled on this fd.
 //   A failed UFFDIO_API zeroes the struct, so the missing bits are recomputed
 //   here from a throwaway fd (see Api()).
-// - UFFDIO_COPY/ZEROPAGE fail with EAGAIN after a partial copy (the count is
+// - UFFDIO_COPY/ZEROPAGE/CONTINUE fail with EAGAIN after a partial copy (the count is
 //   written back) or when the address space is changing (count -EAGAIN);
 //   both return the bytes placed (maybe 0) so the caller retries the rest.
 #include <errno.h>
@@ -106,6 +106,7 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
                            InstanceMethod<&Uffd::Copy>("copy"),
                            InstanceMethod<&Uffd::Zeropage>("zeropage"),
                            InstanceMethod<&Uffd::WriteProtect>("writeProtect"),
+                           InstanceMethod<&Uffd::Continue>("continue"),
                            InstanceMethod<&Uffd::Wake>("wake"),
                            InstanceMethod<&Uffd::Close>("close"),
                        });
@@ -354,6 +355,25 @@ class Uffd : public Napi::ObjectWrap<Uffd> {
     if (ioctl(fd_, UFFDIO_WRITEPROTECT, &w) < 0)
       ThrowSystemError(info.Env(), errno, "ioctl", "UFFDIO_WRITEPROTECT");
     return info.Env().Undefined();
+  }
+
+  // continue(memory, offset, length, mode): UFFDIO_CONTINUE maps the page
+  // already in the page cache after a MINOR fault. mode 1 = DONTWAKE, 2 = WP.
+  Napi::Value Continue(const Napi::CallbackInfo& info) {
+    Napi::Env env = info.Env();
+    CheckOpen("ioctl", "UFFDIO_CONTINUE");
+    uint64_t off = ArgU64(info, 1, "offset"), len = ArgU64(info, 2, "length");
+    uint64_t mode = ArgU64(info, 3, "mode");
+    GuestMemory* m = Range(info, off, len, true);
+    struct uffdio_continue c = {};
+    c.range.start = Addr(m, off);
+    c.range.len = len;
+    c.mode = mode;
+    // SAFETY: range inside m's mapping; the kernel writes back c.mapped.
+    if (ioctl(fd_, UFFDIO_CONTINUE, &c) == 0) return Napi::Number::New(env, static_cast<double>(c.mapped));
+    int err = errno;
+    if (err == EAGAIN) return Napi::Number::New(env, c.mapped > 0 ? static_cast<double>(c.mapped) : 0);
+    ThrowSystemError(env, err, "ioctl", "UFFDIO_CONTINUE");
   }
 
   Napi::Value Wake(const Napi::CallbackInfo& info) {

@@ -1,6 +1,7 @@
 // userfaultfd wrapper: real faults taken by a native thread (testTouch) and
 // resolved from the event loop through an FdPoller, as postcopy will.
 import assert from 'node:assert/strict';
+import fs from 'node:fs';
 import v8 from 'node:v8';
 import vm from 'node:vm';
 import { native, type Binding, type GuestMemory, type NativeError, type Uffd, type UffdEvent, type UffdFeatureError, type FdPoller } from '../../lib/native';
@@ -319,6 +320,38 @@ describe(SKIP ? `native: Uffd (skipped: ${SKIP})` : 'native: Uffd', function () 
     }
   });
 
+  describe('minor faults', function () {
+    it('a page in the page cache but not mapped faults with minor=true; UFFDIO_CONTINUE maps it', async function () {
+      if (!(available & BigInt(K.UFFD_FEATURE_MINOR_SHMEM))) this.skip();
+      // Two mappings of one tmpfs file: writing through the first fills the
+      // page cache, the second has no PTEs yet, so its first access is minor.
+      const file = `/dev/shm/ferry-uffd-minor-${process.pid}`;
+      try {
+        const writer = track(new b.GuestMemory(8 * PAGE, { path: file }));
+        const reader = track(new b.GuestMemory(8 * PAGE, { path: file }));
+        new Uint8Array(writer.view(0, 8 * PAGE)).fill(0x3d);
+        const u = newUffd(BigInt(K.UFFD_FEATURE_MINOR_SHMEM));
+        const ioctls = u.register(reader, 0, 8 * PAGE, K.UFFDIO_REGISTER_MODE_MINOR);
+        assert.ok(ioctls & (1n << BigInt(K._UFFDIO_CONTINUE)));
+        const seen: Array<Extract<UffdEvent, { type: 'pagefault' }>> = [];
+        track(
+          serve(b, u, (ev) => {
+            const pf = pagefault(ev);
+            seen.push(pf);
+            assert.equal(u.continue(reader, pf.offset, PAGE, 0), PAGE);
+          }),
+        );
+        assert.deepEqual((await touch(reader, 2 * PAGE, false)).values, [0x3d]);
+        assert.equal(seen.length, 1);
+        assert.equal(seen[0].minor, true);
+        assert.equal(seen[0].offset, 2 * PAGE);
+        assert.equal(errOf(() => u.continue(reader, 2 * PAGE, PAGE, 0)).code, 'EEXIST');
+      } finally {
+        fs.rmSync(file, { force: true });
+      }
+    });
+  });
+
   describe('lifetime and errors', function () {
     it('every method on a closed Uffd throws EBADF; close is idempotent', function () {
       const mem = track(new b.GuestMemory(4 * PAGE));
@@ -334,6 +367,7 @@ describe(SKIP ? `native: Uffd (skipped: ${SKIP})` : 'native: Uffd', function () 
         ['UFFDIO_COPY', 'ioctl', () => u.copy(mem, 0, new Uint8Array(PAGE), 0)],
         ['UFFDIO_ZEROPAGE', 'ioctl', () => u.zeropage(mem, 0, PAGE, 0)],
         ['UFFDIO_WRITEPROTECT', 'ioctl', () => u.writeProtect(mem, 0, PAGE, true, false)],
+        ['UFFDIO_CONTINUE', 'ioctl', () => u.continue(mem, 0, PAGE, 0)],
         ['UFFDIO_WAKE', 'ioctl', () => u.wake(mem, 0, PAGE)],
       ];
       for (const [op, syscall, fn] of calls) {
