@@ -90,11 +90,11 @@ class FdPoller : public Napi::ObjectWrap<FdPoller> {
   }
 
   ~FdPoller() override {
-    // Finalizer backstop (object unreachable, so never started). Detach the
-    // handle from this object and let libuv free it.
+    // Finalizer backstop (unreachable, so not started; or env teardown while
+    // closing). Detach the handle from this object; libuv frees it.
     if (h_ != nullptr) {
       h_->owner = nullptr;
-      uv_close(reinterpret_cast<uv_handle_t*>(&h_->poll), OnClose);
+      if (!closing_) uv_close(reinterpret_cast<uv_handle_t*>(&h_->poll), OnClose);
       h_ = nullptr;
     }
   }
@@ -107,7 +107,7 @@ class FdPoller : public Napi::ObjectWrap<FdPoller> {
   };
 
   void CheckOpen(const char* op) {
-    if (h_ == nullptr) ThrowSystemError(Env(), EBADF, "uv_poll", op);
+    if (h_ == nullptr || closing_) ThrowSystemError(Env(), EBADF, "uv_poll", op);
   }
 
   void Pin() {
@@ -143,13 +143,14 @@ class FdPoller : public Napi::ObjectWrap<FdPoller> {
     FdPoller* self = h->owner;
     delete h;
     if (self != nullptr) {
+      self->h_ = nullptr;
       self->cb_.Reset();
       self->Unpin();
     }
   }
 
   Napi::Value GetFd(const Napi::CallbackInfo& info) {
-    return Napi::Number::New(info.Env(), h_ == nullptr ? -1 : h_->fd);
+    return Napi::Number::New(info.Env(), h_ == nullptr || closing_ ? -1 : h_->fd);
   }
 
   // start(events, cb): events 1 = readable, 2 = writable (UV_READABLE/WRITABLE).
@@ -174,17 +175,18 @@ class FdPoller : public Napi::ObjectWrap<FdPoller> {
 
   // Idempotent. The dup is closed when libuv has released the handle.
   Napi::Value Close(const Napi::CallbackInfo& info) {
-    if (h_ != nullptr) {
+    if (h_ != nullptr && !closing_) {
       uv_poll_stop(&h_->poll);
       cb_.Reset();
       Pin();  // released in OnClose
+      closing_ = true;
       uv_close(reinterpret_cast<uv_handle_t*>(&h_->poll), OnClose);
-      h_ = nullptr;
     }
     return info.Env().Undefined();
   }
 
-  Handle* h_ = nullptr;
+  Handle* h_ = nullptr;  // INVARIANT: valid until OnClose (or our destructor) detaches it
+  bool closing_ = false;  // uv_close called, OnClose pending or done
   bool pinned_ = false;
   Napi::FunctionReference cb_;
   std::unique_ptr<Napi::AsyncContext> ctx_;

@@ -202,6 +202,23 @@ describe('native: fdio (FdPoller, recvWithFds, sendWithFds, constants)', functio
     assert.equal(e.errno, -9);
   });
 
+  it('FdPoller leaks no fds: closed pollers (also from inside their callback) release their dup', async function () {
+    const count = () => fs.readdirSync('/proc/self/fd').length;
+    const before = count();
+    for (let i = 0; i < 20; i++) new b.FdPoller(fdOf(serverSide)).close();
+    let closedInside = false;
+    const p = new b.FdPoller(fdOf(serverSide));
+    p.start(b.constants.UV_READABLE, () => {
+      p.close();
+      closedInside = true;
+    });
+    clientSide.write('x');
+    for (let i = 0; i < 50 && !closedInside; i++) await new Promise((r) => setTimeout(r, 5));
+    assert.ok(closedInside);
+    await new Promise((r) => setImmediate(r)); // uv_close callbacks run on the next loop turn
+    assert.equal(count(), before);
+  });
+
   it('FdPoller on a regular file fails with the errno of epoll (EPERM)', function () {
     const fd = fs.openSync(__filename, 'r');
     try {

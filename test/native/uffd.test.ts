@@ -379,6 +379,21 @@ describe(SKIP ? `native: Uffd (skipped: ${SKIP})` : 'native: Uffd', function () 
       }
     });
 
+    it('leaks no fds across open/close cycles (syscall and device)', function () {
+      const count = () => fs.readdirSync('/proc/self/fd').length;
+      const before = count();
+      for (let i = 0; i < 20; i++) {
+        const u = new b.Uffd(i % 2 === 1);
+        u.api(0n);
+        u.close();
+      }
+      // The failing-handshake path opens a throwaway probe fd too.
+      const u = new b.Uffd();
+      errOf(() => u.api(1n << 62n));
+      u.close();
+      assert.equal(count(), before);
+    });
+
     it('readEvents with nothing pending returns [] without blocking', function () {
       const u = newUffd(0n);
       assert.deepEqual(u.readEvents(8), []);
