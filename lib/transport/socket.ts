@@ -242,7 +242,9 @@ export class SocketListener implements IncomingListener {
     this.closing ??= (async () => {
       this.fail(reason ?? new MigrationTransportError(this.uri, 'accept', 'listener closed'));
       for (const ch of this.queue.splice(0)) ch.destroy();
-      await new Promise<void>((resolve) => this.server.close(() => resolve()));
+      // Not waiting for server.close()'s callback: it fires only once every accepted connection
+      // has ended, and the channels handed out are meant to outlive the listener.
+      this.server.close();
       const a = this.address;
       if (a.transport === 'socket' && a.type === 'unix' && !a.abstract && this.unixInode !== undefined) {
         try {
