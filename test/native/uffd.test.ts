@@ -7,6 +7,7 @@ import vm from 'node:vm';
 import { native, type Binding, type GuestMemory, type NativeError, type Uffd, type UffdEvent, type UffdFeatureError, type FdPoller } from '../../lib/native';
 
 const PAGE = 4096;
+const HAVE_KVM = fs.existsSync('/dev/kvm');
 
 // Can this process create a userfaultfd at all? (Title says why if not.)
 function probeUffd(): string | undefined {
@@ -489,6 +490,58 @@ describe(SKIP ? `native: Uffd (skipped: ${SKIP})` : 'native: Uffd', function () 
         gc();
       }
       assert.equal(ref.deref(), undefined, 'after close() the reference is dropped (proves the test can see it)');
+    });
+  });
+
+  describe(HAVE_KVM ? 'a KVM vCPU faulting on registered guest RAM' : 'a KVM vCPU faulting on registered guest RAM (skipped: /dev/kvm missing)', function () {
+    it('the vCPU thread waits in the fault, UFFDIO_COPY resumes it, the guest sees the bytes', async function () {
+      if (!HAVE_KVM) this.skip();
+      const kvm = track(new b.Kvm());
+      const vmm = track(kvm.createVm());
+      const mem = track(new b.GuestMemory(16 * PAGE));
+      // Real mode at 0: mov byte [0x3000],0x77; mov al,[0x2000]; out 0x10,al;
+      // mov al,[0x3000]; out 0x11,al; hlt. Pages 2 and 3 start missing.
+      const code = [0xc6, 0x06, 0x00, 0x30, 0x77, 0xa0, 0x00, 0x20, 0xe6, 0x10, 0xa0, 0x00, 0x30, 0xe6, 0x11, 0xf4];
+      new Uint8Array(mem.view(0, PAGE)).set(code);
+      vmm.setMemorySlot(0, 0, mem, 0, 16 * PAGE, 0);
+      const u = newUffd(BigInt(K.UFFD_FEATURE_THREAD_ID));
+      u.register(mem, 2 * PAGE, 2 * PAGE, K.UFFDIO_REGISTER_MODE_MISSING);
+      const seen: Array<Extract<UffdEvent, { type: 'pagefault' }>> = [];
+      track(
+        serve(b, u, (ev) => {
+          const pf = pagefault(ev);
+          seen.push(pf);
+          u.copy(mem, pf.offset, new Uint8Array(PAGE).fill(pf.offset === 2 * PAGE ? 0x5a : 0x11), 0);
+        }),
+      );
+      const cpu = vmm.createVcpu(0);
+      const sregs = cpu.getSregs();
+      sregs.writeBigUInt64LE(0n, 0); // cs.base
+      sregs.writeUInt16LE(0, 12); // cs.selector
+      cpu.setSregs(sregs);
+      const regs = cpu.getRegs();
+      regs.writeBigUInt64LE(0n, 128); // rip
+      regs.writeBigUInt64LE(2n, 136); // rflags
+      cpu.setRegs(regs);
+      const outs: Array<[number, number]> = [];
+      await new Promise<void>((resolve) =>
+        cpu.start((exit) => {
+          if (exit.reason === 'io' && exit.direction === 1) outs.push([exit.port, exit.data[0]]);
+          else resolve();
+        }, true),
+      );
+      await cpu.pause();
+      assert.deepEqual(outs, [
+        [0x10, 0x5a],
+        [0x11, 0x77],
+      ]);
+      assert.deepEqual(
+        seen.map((f) => f.offset),
+        [3 * PAGE, 2 * PAGE],
+      );
+      assert.equal(seen[0].write, true, 'the store faults as a write');
+      assert.ok(seen[0].tid > 0 && seen[0].tid !== process.pid, 'faulted on the vCPU thread');
+      assert.equal(new Uint8Array(mem.view(3 * PAGE, 2))[0], 0x77);
     });
   });
 
