@@ -1,0 +1,459 @@
+/**
+ * Encoder for the savevm stream, and a backpressure-aware sink for it.
+ *
+ * StreamWriter appends big-endian fields into large preallocated chunks
+ * (1 MiB by default) and keeps an ordered list of finished pieces (an iovec).
+ * Page payloads can be appended by reference (`putRef`) so guest memory is
+ * written straight from its own view, never copied into the output buffer:
+ * 1 GiB of pages costs one copy (the kernel's), not two. The caller owns the
+ * timing of referenced memory: a referenced page must not change until the
+ * pieces are written (or the change must be caught by dirty tracking).
+ *
+ * Errors latch: after the first error (bad argument, sink failure) every put
+ * is a no-op and flush()/take() report that error, so page loops need not
+ * check each put.
+ *
+ * StreamSink wraps a Node Writable: writes a list of pieces under cork/uncork
+ * (one writev on sockets), awaits 'drain' when write() returns false, and is
+ * released by 'close'/'error' too so a dead peer never hangs the sender.
+ */
+import type { Writable } from 'node:stream';
+import {
+  MAX_IDSTR_LEN,
+  QEMU_VM_FILE_MAGIC,
+  QEMU_VM_FILE_VERSION,
+  SectionType,
+  COMMANDS,
+  lookupSpec,
+} from './constants';
+import { StreamWriteError } from './errors';
+
+export interface WriterOptions {
+  /** Size of each output chunk (default 1 MiB). */
+  chunkSize?: number;
+  /** putRef() copies payloads shorter than this instead of referencing them (default 512). */
+  minRefSize?: number;
+  /** Optional sink for flush(). */
+  sink?: StreamSink;
+}
+
+/** Machine configuration sent right after the header (QEMU_VM_CONFIGURATION). */
+export interface ConfigurationSection {
+  /** Machine type name, e.g. 'none' or 'pc-i440fx-7.2'. */
+  machine: string;
+  /** configuration/target-page-bits subsection (not sent on x86). */
+  targetPageBits?: number;
+  /** configuration/capabilities subsection: validated capability names. */
+  capabilities?: string[];
+  /** configuration/uuid subsection: 16 bytes. */
+  uuid?: Uint8Array;
+}
+
+export const CONFIG_SUBSECTION = {
+  TARGET_PAGE_BITS: 'configuration/target-page-bits',
+  CAPABILITIES: 'configuration/capabilities',
+  UUID: 'configuration/uuid',
+} as const;
+
+const TWO32 = 0x1_0000_0000;
+
+export class StreamWriter {
+  private readonly chunkSize: number;
+  private readonly minRefSize: number;
+  private chunk: Buffer;
+  private pos = 0;
+  private segStart = 0;
+  private pieces: Uint8Array[] = [];
+  private piecesBytes = 0;
+  private _total = 0;
+  private _error: Error | undefined;
+  sink: StreamSink | undefined;
+
+  constructor(opts: WriterOptions = {}) {
+    this.chunkSize = opts.chunkSize ?? 1 << 20;
+    this.minRefSize = opts.minRefSize ?? 512;
+    this.chunk = Buffer.allocUnsafe(this.chunkSize);
+    this.sink = opts.sink;
+  }
+
+  /** The first error, if any; once set, puts are ignored. */
+  get error(): Error | undefined {
+    return this._error;
+  }
+
+  /** Latches `err` unless an error is already latched. */
+  setError(err: Error): void {
+    if (!this._error) this._error = err;
+  }
+
+  /** Bytes encoded and not yet taken. */
+  get pendingBytes(): number {
+    return this.piecesBytes + (this.pos - this.segStart);
+  }
+
+  /** Bytes encoded since construction (QEMU's qemu_file_transferred()). */
+  get totalBytes(): number {
+    return this._total;
+  }
+
+  // ---- primitive puts ----
+
+  put8(v: number): void {
+    if (this._error) return;
+    this.ensure(1);
+    this.chunk[this.pos++] = v & 0xff;
+    this._total += 1;
+  }
+
+  put16(v: number): void {
+    if (this._error) return;
+    this.ensure(2);
+    const c = this.chunk;
+    const p = this.pos;
+    c[p] = (v >>> 8) & 0xff;
+    c[p + 1] = v & 0xff;
+    this.pos = p + 2;
+    this._total += 2;
+  }
+
+  put32(v: number): void {
+    if (this._error) return;
+    this.ensure(4);
+    const c = this.chunk;
+    const p = this.pos;
+    c[p] = (v >>> 24) & 0xff;
+    c[p + 1] = (v >>> 16) & 0xff;
+    c[p + 2] = (v >>> 8) & 0xff;
+    c[p + 3] = v & 0xff;
+    this.pos = p + 4;
+    this._total += 4;
+  }
+
+  /** be64 from a bigint (any 64-bit pattern) or a non-negative safe integer. */
+  put64(v: bigint | number): void {
+    if (this._error) return;
+    let hi: number;
+    let lo: number;
+    if (typeof v === 'number') {
+      if (!Number.isSafeInteger(v) || v < 0) {
+        this.setError(new StreamWriteError(`put64: ${v} is not a non-negative safe integer`, 'ERR_INVALID_ARG_VALUE'));
+        return;
+      }
+      hi = Math.floor(v / TWO32);
+      lo = v >>> 0;
+    } else {
+      const u = BigInt.asUintN(64, v);
+      hi = Number(u >> 32n);
+      lo = Number(u & 0xffffffffn);
+    }
+    this.put32(hi);
+    this.put32(lo);
+  }
+
+  /** Copies `data` into the output. */
+  putBytes(data: Uint8Array): void {
+    if (this._error) return;
+    let off = 0;
+    const n = data.byteLength;
+    while (off < n) {
+      if (this.pos === this.chunk.length) this.newChunk();
+      const k = Math.min(n - off, this.chunk.length - this.pos);
+      this.chunk.set(off === 0 && k === n ? data : data.subarray(off, off + k), this.pos);
+      this.pos += k;
+      off += k;
+    }
+    this._total += n;
+  }
+
+  /**
+   * Appends `data` by reference (zero copy): the view goes into the piece
+   * list as is. Short payloads are copied (a piece per tiny write costs more
+   * than the copy).
+   */
+  putRef(data: Uint8Array): void {
+    if (this._error) return;
+    const n = data.byteLength;
+    if (n < this.minRefSize) {
+      this.putBytes(data);
+      return;
+    }
+    this.sealSegment();
+    this.pieces.push(data);
+    this.piecesBytes += n;
+    this._total += n;
+  }
+
+  /** u8 length + bytes (idstr, block names); names over 255 bytes latch an error. */
+  putCountedString(s: string): void {
+    const b = Buffer.from(s, 'latin1');
+    if (b.length > MAX_IDSTR_LEN) {
+      this.setError(new StreamWriteError(`string '${s.slice(0, 40)}...' longer than ${MAX_IDSTR_LEN} bytes`, 'ERR_INVALID_ARG_VALUE'));
+      return;
+    }
+    this.put8(b.length);
+    this.putBytes(b);
+  }
+
+  // ---- stream framing ----
+
+  /** File header: magic, version 3. */
+  header(): void {
+    this.put32(QEMU_VM_FILE_MAGIC);
+    this.put32(QEMU_VM_FILE_VERSION);
+  }
+
+  /** QEMU_VM_CONFIGURATION: be32 name length, name, optional subsections (QEMU's order). */
+  configuration(cfg: ConfigurationSection): void {
+    const name = Buffer.from(cfg.machine, 'latin1');
+    this.put8(SectionType.CONFIGURATION);
+    this.put32(name.length);
+    this.putBytes(name);
+    if (cfg.targetPageBits !== undefined) {
+      this.subsectionHeader(CONFIG_SUBSECTION.TARGET_PAGE_BITS, 1);
+      this.put32(cfg.targetPageBits);
+    }
+    if (cfg.capabilities && cfg.capabilities.length > 0) {
+      this.subsectionHeader(CONFIG_SUBSECTION.CAPABILITIES, 1);
+      this.put32(cfg.capabilities.length);
+      for (const c of cfg.capabilities) this.putCountedString(c);
+    }
+    if (cfg.uuid) {
+      if (cfg.uuid.byteLength !== 16) {
+        this.setError(new StreamWriteError('configuration uuid must be 16 bytes', 'ERR_INVALID_ARG_VALUE'));
+        return;
+      }
+      this.subsectionHeader(CONFIG_SUBSECTION.UUID, 1);
+      this.putBytes(cfg.uuid);
+    }
+  }
+
+  /** vmstate subsection framing: 0x05, counted name, be32 version. */
+  subsectionHeader(name: string, version: number): void {
+    this.put8(SectionType.SUBSECTION);
+    this.putCountedString(name);
+    this.put32(version);
+  }
+
+  /** START or FULL section header. */
+  sectionStart(type: number, sectionId: number, idstr: string, instanceId: number, version: number): void {
+    if (type !== SectionType.START && type !== SectionType.FULL) {
+      this.setError(new StreamWriteError(`sectionStart: type ${type} is not START or FULL`, 'ERR_INVALID_ARG_VALUE'));
+      return;
+    }
+    this.put8(type);
+    this.put32(sectionId);
+    this.putCountedString(idstr);
+    this.put32(instanceId);
+    this.put32(version);
+  }
+
+  /** PART or END section header. */
+  sectionPart(type: number, sectionId: number): void {
+    if (type !== SectionType.PART && type !== SectionType.END) {
+      this.setError(new StreamWriteError(`sectionPart: type ${type} is not PART or END`, 'ERR_INVALID_ARG_VALUE'));
+      return;
+    }
+    this.put8(type);
+    this.put32(sectionId);
+  }
+
+  /** Section footer: 0x7e + the section id it closes. */
+  footer(sectionId: number): void {
+    this.put8(SectionType.FOOTER);
+    this.put32(sectionId);
+  }
+
+  /**
+   * QEMU_VM_COMMAND: be16 cmd, be16 len, payload. Fixed-length commands must
+   * carry exactly their table length. PACKAGED's embedded stream follows the
+   * command separately (put it with putBytes/putRef).
+   */
+  command(cmd: number, payload: Uint8Array = new Uint8Array(0)): void {
+    const spec = lookupSpec(COMMANDS, cmd);
+    if (!spec || cmd === 0) {
+      this.setError(new StreamWriteError(`unknown migration command ${cmd}`, 'ERR_INVALID_ARG_VALUE'));
+      return;
+    }
+    if ((spec.len >= 0 && payload.byteLength !== spec.len) || payload.byteLength > 0xffff) {
+      this.setError(
+        new StreamWriteError(`command ${spec.name}: payload of ${payload.byteLength} bytes, expected ${spec.len}`, 'ERR_INVALID_ARG_VALUE'),
+      );
+      return;
+    }
+    this.put8(SectionType.COMMAND);
+    this.put16(cmd);
+    this.put16(payload.byteLength);
+    this.putBytes(payload);
+  }
+
+  /** End of the device/RAM state (QEMU_VM_EOF). */
+  eof(): void {
+    this.put8(SectionType.EOF);
+  }
+
+  /** VM description trailer: 0x06, be32 length, JSON text. */
+  vmdescription(json: string | Uint8Array): void {
+    const b = typeof json === 'string' ? Buffer.from(json, 'utf8') : json;
+    this.put8(SectionType.VMDESCRIPTION);
+    this.put32(b.byteLength);
+    this.putBytes(b);
+  }
+
+  // ---- output ----
+
+  /**
+   * Hands out everything encoded so far as an ordered list of pieces and
+   * starts a new list. Pieces are never reused by the writer. Throws the
+   * latched error.
+   */
+  take(): Uint8Array[] {
+    if (this._error) throw this._error;
+    this.sealSegment();
+    const out = this.pieces;
+    this.pieces = [];
+    this.piecesBytes = 0;
+    // The rest of the current chunk stays ours; a fresh chunk avoids handing
+    // out memory we would later overwrite.
+    if (this.pos > this.chunk.length - 64) this.newChunk();
+    return out;
+  }
+
+  /** Everything encoded so far as one Buffer (tests, small streams). */
+  toBuffer(): Buffer {
+    return Buffer.concat(this.take());
+  }
+
+  /** Writes all pending pieces to the sink, honouring backpressure. */
+  async flush(sink: StreamSink | undefined = this.sink): Promise<void> {
+    if (!sink) throw new StreamWriteError('StreamWriter.flush: no sink', 'ERR_INVALID_ARG_VALUE');
+    const pieces = this.take();
+    if (pieces.length === 0) return;
+    try {
+      await sink.write(pieces);
+    } catch (err) {
+      this.setError(err as Error);
+      throw err;
+    }
+  }
+
+  // ---- internals ----
+
+  private ensure(n: number): void {
+    if (this.pos + n > this.chunk.length) this.newChunk();
+  }
+
+  private sealSegment(): void {
+    if (this.pos > this.segStart) {
+      this.pieces.push(this.chunk.subarray(this.segStart, this.pos));
+      this.piecesBytes += this.pos - this.segStart;
+      this.segStart = this.pos;
+    }
+  }
+
+  private newChunk(): void {
+    this.sealSegment();
+    this.chunk = Buffer.allocUnsafe(this.chunkSize);
+    this.pos = 0;
+    this.segStart = 0;
+  }
+}
+
+/**
+ * A Node Writable seen as an async sink of piece lists, with backpressure.
+ * The first error (from 'error' or a closed stream) latches and every later
+ * write rejects with it.
+ */
+export class StreamSink {
+  private readonly w: Writable;
+  private _error: Error | undefined;
+  private closed = false;
+  private waiters: Array<() => void> = [];
+  private _written = 0;
+
+  constructor(w: Writable) {
+    this.w = w;
+    w.on('drain', () => this.release());
+    w.on('error', (err: Error) => {
+      if (!this._error) this._error = err;
+      this.release();
+    });
+    w.on('close', () => {
+      this.closed = true;
+      this.release();
+    });
+  }
+
+  get error(): Error | undefined {
+    return this._error;
+  }
+
+  /** Bytes accepted by the Writable so far. */
+  get written(): number {
+    return this._written;
+  }
+
+  /** Writes the pieces in order (corked: sockets get one writev); resolves when the Writable can take more. */
+  async write(pieces: readonly Uint8Array[]): Promise<void> {
+    this.check();
+    const w = this.w;
+    let ok = true;
+    if (pieces.length > 1) w.cork();
+    for (const p of pieces) {
+      ok = w.write(p);
+      this._written += p.byteLength;
+    }
+    if (pieces.length > 1) w.uncork();
+    if (!ok || w.writableNeedDrain) await this.waitDrain();
+    this.check();
+  }
+
+  /** Ends the Writable and waits until everything is flushed ('finish'). */
+  async end(): Promise<void> {
+    this.check();
+    const w = this.w;
+    await new Promise<void>((resolve, reject) => {
+      const onFinish = () => {
+        cleanup();
+        resolve();
+      };
+      const onError = (err: Error) => {
+        cleanup();
+        reject(err);
+      };
+      const onClose = () => {
+        cleanup();
+        if (w.writableFinished) resolve();
+        else reject(this._error ?? closedError());
+      };
+      const cleanup = () => {
+        w.off('finish', onFinish);
+        w.off('error', onError);
+        w.off('close', onClose);
+      };
+      w.on('finish', onFinish);
+      w.on('error', onError);
+      w.on('close', onClose);
+      w.end();
+    });
+  }
+
+  private check(): void {
+    if (this._error) throw this._error;
+    if (this.closed || this.w.destroyed) throw closedError();
+  }
+
+  private waitDrain(): Promise<void> {
+    if (this._error || this.closed) return Promise.resolve();
+    return new Promise<void>((resolve) => this.waiters.push(resolve));
+  }
+
+  private release(): void {
+    const ws = this.waiters;
+    this.waiters = [];
+    for (const r of ws) r();
+  }
+}
+
+function closedError(): Error {
+  return new StreamWriteError('migration stream closed', 'ERR_STREAM_DESTROYED');
+}
