@@ -191,6 +191,8 @@ static inline void rewrite(u64 i, u64 addr)
 	if (++g == 0)
 		g = 1;
 	write_page(addr, g);
+	/* the table follows the page: a guest stopped mid-write resumes consistently */
+	__asm__ volatile("" ::: "memory");
 	gen[i] = g;
 	writes++;
 }
