@@ -1,0 +1,165 @@
+/**
+ * Incoming precopy migration: reads a savevm stream into a machine that
+ * waits in `inmigrate`, then applies device state and starts the guest as
+ * the source's globalstate says.
+ *
+ *   none ──> setup ──> active ──(EOF, devices applied)──> completed
+ *                        └────── any error ─────────────> failed
+ *
+ * Invariants: every length, offset, id and version from the stream is
+ * checked against this machine before it touches memory (the codec and the
+ * vmstate loader bound them); device state is applied only after EOF, so a
+ * half-loaded guest never runs.
+ */
+import { EventEmitter } from 'node:events';
+import type { IncomingChannel } from '../transport/types';
+import { MIG_CMD, SectionType } from '../stream/constants';
+import { GLOBALSTATE_VMSD, TIMER_VMSD, runstateOf } from '../stream/devices';
+import { StreamError } from '../stream/errors';
+import { StreamReader } from '../stream/reader';
+import { SectionParser, type StreamItem } from '../stream/sections';
+import { loadVmState, type VmStateDescription } from '../stream/vmstate';
+import type { DeviceStateSection, MigratableMachine } from './machine-port';
+import { RamLoader } from './ram';
+import { RpWriter } from './return-path';
+import { describeError } from './source';
+import type { MigrationStateMachine, RunState } from './state';
+
+export interface IncomingOptions {
+  /** Start the guest when the source was running (QEMU's autostart; false with -S). */
+  autostart: boolean;
+}
+
+export class IncomingMigration extends EventEmitter {
+  private rp: RpWriter | undefined;
+  private channel: IncomingChannel | undefined;
+
+  constructor(
+    private readonly machine: MigratableMachine,
+    private readonly state: MigrationStateMachine,
+    private readonly opts: IncomingOptions,
+  ) {
+    super();
+  }
+
+  /** Aborts a load in progress (the guest stays in inmigrate, never runs). */
+  abort(err: Error): void {
+    this.channel?.destroy(err);
+  }
+
+  /**
+   * Loads the stream from the channel `accept` yields. Resolves once the
+   * migration completed or failed (never rejects); the final status says which.
+   */
+  async run(accept: () => Promise<IncomingChannel>): Promise<void> {
+    const st = this.state;
+    try {
+      st.tryTransition('setup');
+      const channel = await accept();
+      this.channel = channel;
+      st.tryTransition('active');
+      await this.load(channel);
+      this.rp?.shut(false);
+      st.tryTransition('completed');
+      await channel.close();
+    } catch (err) {
+      st.setError(describeError(err as Error));
+      this.rp?.shut(true);
+      st.tryTransition('failed');
+      this.channel?.destroy();
+    }
+  }
+
+  private async load(channel: IncomingChannel): Promise<void> {
+    const m = this.machine;
+    const reader = StreamReader.fromReadable(channel.stream);
+    const parser = new SectionParser(reader, { expectMachine: m.configName });
+    const ram = new RamLoader(reader, m.ramBlocks);
+    const devices: DeviceStateSection[] = [];
+    let runState: string | undefined;
+    let sawRamEnd = false;
+
+    for (;;) {
+      const item: StreamItem | undefined = await parser.next();
+      if (!item) break;
+      switch (item.kind) {
+        case 'header':
+        case 'configuration':
+        case 'vmdesc':
+          break;
+        case 'command':
+          this.command(item, channel);
+          break;
+        case 'section': {
+          if (item.idstr === 'ram') {
+            if (item.type === SectionType.FULL) throw new StreamError(`section 'ram' sent as FULL (expected START/PART/END)`, item.position);
+            if (item.version !== 4 && (item.type === SectionType.START)) {
+              throw new StreamError(`section 'ram' version ${item.version} (this machine loads version 4)`, item.position);
+            }
+            await ram.loadSection();
+            if (item.type === SectionType.END) sawRamEnd = true;
+            break;
+          }
+          if (item.type !== SectionType.FULL) {
+            throw new StreamError(`iterative section '${item.idstr}' (instance ${item.instanceId}) is not known to this machine`, item.position);
+          }
+          const vmsd = this.vmsdFor(item.idstr, item.instanceId);
+          if (!vmsd) throw new StreamError(`unknown savevm section or instance '${item.idstr}' ${item.instanceId}`, item.position);
+          if (item.version > vmsd.version || item.version < (vmsd.minimumVersion ?? 1)) {
+            throw new StreamError(`section '${item.idstr}' version ${item.version} not in ${vmsd.minimumVersion ?? 1}..${vmsd.version}`, item.position);
+          }
+          const loaded = await loadVmState(reader, vmsd, item.version);
+          if (item.idstr === 'globalstate') runState = runstateOf(loaded);
+          else if (item.idstr !== 'timer') devices.push({ idstr: item.idstr, instanceId: item.instanceId, vmsd, state: loaded });
+          break;
+        }
+        case 'eof':
+          break;
+      }
+      if (item.kind === 'eof') {
+        // Read (and discard) the VM description if the source sent one.
+        while ((await parser.next()) !== undefined);
+        break;
+      }
+    }
+    if (!sawRamEnd) throw new StreamError('stream ended without the final RAM section', reader.position);
+    await m.loadDevices(devices);
+    await this.startGuest(runState);
+  }
+
+  private vmsdFor(idstr: string, instanceId: number): VmStateDescription | undefined {
+    if (idstr === 'timer' && instanceId === 0) return TIMER_VMSD;
+    if (idstr === 'globalstate' && instanceId === 0) return GLOBALSTATE_VMSD;
+    return this.machine.deviceVmsd(idstr, instanceId);
+  }
+
+  private command(item: Extract<StreamItem, { kind: 'command' }>, channel: IncomingChannel): void {
+    switch (item.cmd) {
+      case MIG_CMD.OPEN_RETURN_PATH:
+        if (!channel.returnPath) throw new StreamError(`the source asked for a return path but ${channel.describe()} has none`, item.position);
+        this.rp ??= new RpWriter(channel.returnPath);
+        return;
+      case MIG_CMD.PING:
+        if (!this.rp) throw new StreamError('PING before OPEN_RETURN_PATH', item.position);
+        this.rp.pong(item.payload.readUInt32BE(0));
+        return;
+      default:
+        throw new StreamError(`command ${item.name} is not supported by this destination in precopy`, item.position);
+    }
+  }
+
+  /** QEMU's rule: run when the source ran (and autostart), else adopt its run state. */
+  private async startGuest(received: string | undefined): Promise<void> {
+    const m = this.machine;
+    if (received === undefined || received === 'running') {
+      if (this.opts.autostart) {
+        m.setRunState('running');
+        await m.startVcpus();
+      } else {
+        m.setRunState('paused');
+      }
+    } else {
+      m.setRunState(received as RunState);
+    }
+  }
+}

@@ -1,0 +1,220 @@
+/**
+ * RAM migration, both halves: RamSender walks the migration bitmap of every
+ * RAM block and encodes dirty pages in QEMU's RAM encoding; RamLoader places
+ * received pages into destination guest memory.
+ *
+ * Invariants:
+ *  - A page's bit is cleared when its record is encoded. A write by the guest
+ *    after the dirty-log sync that set the bit sets it again at the next sync,
+ *    so a page is never lost even though pages are sent by reference while the
+ *    guest runs (a torn copy is always followed by a fresh one).
+ *  - The loader writes only inside a block's used length: the codec checks
+ *    every offset against the destination's own blocks before any copy.
+ */
+import type { GuestMemory } from '../native';
+import { TARGET_PAGE_SIZE } from '../stream/constants';
+import type { StreamReader } from '../stream/reader';
+import { RamEncoder, RamRecordParser, type RamBlockInfo, type RamRecord } from '../stream/ram-codec';
+import type { StreamWriter } from '../stream/writer';
+import { PageBitmap } from './bitmap';
+
+/** A RAM block as the migration engine sees it. */
+export interface RamBlockRef {
+  idstr: string;
+  size: number;
+  memory: GuestMemory;
+  /** Offset of the block inside `memory` (0 unless several blocks share a mapping). */
+  memOffset?: number;
+}
+
+const VIEW_SPAN = 1 << 30; // one external ArrayBuffer per GiB of guest RAM
+const RUN_MAX = 256; // pages per zero scan (1 MiB)
+
+/** Page views over one block, one ArrayBuffer per GiB. */
+class BlockViews {
+  private readonly views: Uint8Array[] = [];
+  constructor(readonly block: RamBlockRef) {
+    const base = block.memOffset ?? 0;
+    for (let off = 0; off < block.size; off += VIEW_SPAN) {
+      const len = Math.min(VIEW_SPAN, block.size - off);
+      this.views.push(new Uint8Array(block.memory.view(base + off, len)));
+    }
+  }
+  /** The page at `offset` (4 KiB aligned, inside the block). */
+  page(offset: number): Uint8Array {
+    const v = this.views[Math.floor(offset / VIEW_SPAN)]!;
+    const at = offset % VIEW_SPAN;
+    return v.subarray(at, at + TARGET_PAGE_SIZE);
+  }
+}
+
+export interface RamSendStats {
+  normal: number;
+  duplicate: number;
+}
+
+interface SenderBlock {
+  ref: RamBlockRef;
+  views: BlockViews;
+  bitmap: PageBitmap;
+  cursor: number;
+}
+
+export class RamSender {
+  private readonly blocks: SenderBlock[];
+  private readonly zeroScan = new Uint8Array(RUN_MAX);
+  private blockIndex = 0;
+  /** Dirty pages not yet sent (kept in step with the bitmaps). */
+  private dirty = 0;
+  readonly counts: RamSendStats = { normal: 0, duplicate: 0 };
+
+  constructor(
+    blocks: readonly RamBlockRef[],
+    private readonly enc: RamEncoder,
+  ) {
+    this.blocks = blocks.map((ref) => ({ ref, views: new BlockViews(ref), bitmap: new PageBitmap(ref.size / TARGET_PAGE_SIZE), cursor: 0 }));
+  }
+
+  get writer(): StreamWriter {
+    return this.enc.w;
+  }
+
+  /** Total bytes of RAM being migrated. */
+  get totalBytes(): number {
+    return this.blocks.reduce((n, b) => n + b.ref.size, 0);
+  }
+
+  /** Pages still to send in the current bitmap. */
+  get dirtyPages(): number {
+    return this.dirty;
+  }
+
+  bitmapOf(index: number): PageBitmap {
+    return this.blocks[index]!.bitmap;
+  }
+
+  /** The setup payload of the RAM START section: block list, EOS. */
+  writeSetup(): void {
+    this.enc.memSize(this.blocks.map((b) => ({ idstr: b.ref.idstr, usedLength: b.ref.size })));
+    this.enc.eos();
+  }
+
+  /** First pass: every page is to be sent. */
+  markAllDirty(): void {
+    this.dirty = 0;
+    for (const b of this.blocks) {
+      b.bitmap.setAll();
+      b.cursor = 0;
+      this.dirty += b.bitmap.pages;
+    }
+  }
+
+  /** Merges dirty pages reported by the dirty log (a bitmap per block, KVM layout). */
+  mergeDirty(index: number, kvmBitmap: Uint8Array | PageBitmap): void {
+    const b = this.blocks[index]!;
+    b.bitmap.or(kvmBitmap);
+    b.cursor = 0;
+    this.recount();
+  }
+
+  recount(): void {
+    this.dirty = this.blocks.reduce((n, b) => n + b.bitmap.count(), 0);
+  }
+
+  /**
+   * Encodes dirty pages until `maxBytes` have been added to the writer or no
+   * dirty page is left. Returns true when the bitmaps are empty.
+   */
+  encodeSome(maxBytes: number): boolean {
+    const w = this.enc.w;
+    const start = w.totalBytes;
+    const scan = this.zeroScan;
+    while (this.dirty > 0) {
+      const b = this.blocks[this.blockIndex]!;
+      let page = b.bitmap.next(b.cursor);
+      if (page < 0) {
+        b.cursor = 0;
+        this.blockIndex = (this.blockIndex + 1) % this.blocks.length;
+        continue;
+      }
+      const run = b.bitmap.runLength(page, RUN_MAX);
+      const memOffset = (b.ref.memOffset ?? 0) + page * TARGET_PAGE_SIZE;
+      b.ref.memory.scanZeroPages(memOffset, run, scan);
+      const idstr = b.ref.idstr;
+      for (let i = 0; i < run; i++, page++) {
+        const offset = page * TARGET_PAGE_SIZE;
+        b.bitmap.clear(page);
+        if (scan[i]) {
+          this.enc.zero(idstr, offset);
+          this.counts.duplicate++;
+        } else {
+          this.enc.page(idstr, offset, b.views.page(offset));
+          this.counts.normal++;
+        }
+      }
+      this.dirty -= run;
+      b.cursor = page;
+      if (w.totalBytes - start >= maxBytes) break;
+    }
+    return this.dirty === 0;
+  }
+}
+
+/** Destination half: validates the block list and places pages. */
+export class RamLoader {
+  private readonly byName = new Map<string, BlockViews>();
+  readonly parser: RamRecordParser;
+  pages = 0;
+  zeroPages = 0;
+
+  constructor(reader: StreamReader, blocks: readonly RamBlockRef[]) {
+    const infos: RamBlockInfo[] = [];
+    for (const b of blocks) {
+      this.byName.set(b.idstr, new BlockViews(b));
+      infos.push({ idstr: b.idstr, usedLength: b.size });
+    }
+    this.parser = new RamRecordParser(reader, {
+      blocks: infos,
+      pageTarget: (block, offset) => this.byName.get(block.idstr)!.page(offset),
+    });
+  }
+
+  /** Reads one RAM section payload (up to EOS). */
+  async loadSection(): Promise<void> {
+    const parser = this.parser;
+    for (;;) {
+      const rec: RamRecord = parser.tryNext() ?? (await parser.next());
+      switch (rec.kind) {
+        case 'page':
+          this.pages++;
+          break;
+        case 'zero': {
+          // Pages of a fresh destination are already zero: write only when not.
+          const views = this.byName.get(rec.block.idstr)!;
+          const at = (views.block.memOffset ?? 0) + rec.offset;
+          if (views.block.memory.findNonZero(at, TARGET_PAGE_SIZE) >= 0) views.page(rec.offset).fill(0);
+          this.zeroPages++;
+          break;
+        }
+        case 'memsize':
+          this.checkBlockList(rec);
+          break;
+        case 'flush':
+          break;
+        case 'eos':
+          return;
+      }
+    }
+  }
+
+  private checkBlockList(rec: Extract<RamRecord, { kind: 'memsize' }>): void {
+    // The codec already rejects unknown names and length mismatches; every
+    // local block must also be present so no RAM is left unmigrated.
+    const seen = new Set(rec.blocks.map((b) => b.idstr));
+    for (const name of this.byName.keys()) {
+      if (!seen.has(name)) {
+        throw Object.assign(new Error(`RAM block '${name}' of this machine is missing from the incoming block list`), { code: 'ERR_MIGRATION_STREAM' });
+      }
+    }
+  }
+}
