@@ -187,8 +187,13 @@ class Kvm : public Napi::ObjectWrap<Kvm> {
 
   Napi::Value CreateVm(const Napi::CallbackInfo& info) {
     Napi::Env env = info.Env();
-    int run_size = Ioctl(env, KVM_GET_VCPU_MMAP_SIZE, 0, "KVM_GET_VCPU_MMAP_SIZE");
     int vmfd = Ioctl(env, KVM_CREATE_VM, 0, "KVM_CREATE_VM");
+    int run_size = ioctl(fd_, KVM_GET_VCPU_MMAP_SIZE, 0);
+    if (run_size < 0) {
+      int err = errno;
+      close(vmfd);
+      ThrowSystemError(env, err, "ioctl", "KVM_GET_VCPU_MMAP_SIZE");
+    }
     return Vm::Create(env, Vm::Init{vmfd, static_cast<size_t>(run_size)});
   }
 
