@@ -109,3 +109,46 @@ export function parseGuestOutput(text: string): GuestLine[] {
   }
   return out;
 }
+
+/*
+ * memwriter's page format, for tests that inspect or forge guest RAM from
+ * outside: word 0 = the page's guest-physical address, word 1 = generation,
+ * words 2..510 = x, x + K_STEP, ... with x = (addr * K_MID) ^ gen, word 511 =
+ * ~addr ^ (gen * K_TAIL); all little-endian u64, arithmetic mod 2^64.
+ */
+const U64 = (1n << 64n) - 1n;
+const K_MID = 0xff51afd7ed558ccdn;
+const K_STEP = 0xc4ceb9fe1a85ec53n;
+const K_TAIL = 0x9e3779b97f4a7c15n;
+
+function tailOf(addr: bigint, gen: bigint): bigint {
+  return (~addr ^ (gen * K_TAIL)) & U64;
+}
+
+/** The 4 KiB page memwriter writes at `gpa` for generation `gen`. */
+export function memwriterPage(gpa: number, gen: number): Buffer {
+  const addr = BigInt(gpa);
+  const g = BigInt(gen);
+  const page = Buffer.alloc(4096);
+  page.writeBigUInt64LE(addr, 0);
+  page.writeBigUInt64LE(g, 8);
+  let x = ((addr * K_MID) & U64) ^ g;
+  for (let i = 2; i < 511; i++) {
+    page.writeBigUInt64LE(x, i * 8);
+    x = (x + K_STEP) & U64;
+  }
+  page.writeBigUInt64LE(tailOf(addr, g), 511 * 8);
+  return page;
+}
+
+/**
+ * Read a memwriter stamp: `stamped` when word 0 is the page's own address
+ * and the tail matches word 1 (what the guest itself checks).
+ */
+export function readMemwriterStamp(page: Uint8Array, gpa: number): { stamped: boolean; gen: number } {
+  const b = Buffer.from(page.buffer, page.byteOffset, page.byteLength);
+  const addr = BigInt(gpa);
+  const g = b.readBigUInt64LE(8);
+  const stamped = b.readBigUInt64LE(0) === addr && b.readBigUInt64LE(511 * 8) === tailOf(addr, g);
+  return { stamped, gen: Number(g) };
+}

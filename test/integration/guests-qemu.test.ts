@@ -12,7 +12,14 @@ import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 
-import { type GuestLine, guestPath, listGuests, parseGuestOutput } from '../../lib/guests';
+import {
+  type GuestLine,
+  guestPath,
+  listGuests,
+  memwriterPage,
+  parseGuestOutput,
+  readMemwriterStamp,
+} from '../../lib/guests';
 
 const HAVE_KVM = fs.existsSync('/dev/kvm');
 
@@ -35,15 +42,20 @@ const SKIP = !HAVE_KVM ? '/dev/kvm missing' : !QEMU ? 'qemu-system-x86_64 not in
 
 type Tick<K extends GuestLine['kind']> = Extract<GuestLine, { kind: K }>;
 
-interface BootOptions {
+interface QemuOptions {
   guest: string;
-  mem?: string;
   append: string;
-  /** Stop once this holds for the lines parsed so far. */
-  until: (lines: GuestLine[]) => boolean;
-  timeoutMs?: number;
-  /** Called (while QEMU still runs) once `until` holds, with the QMP socket path. */
-  whileRunning?: (qmpSocket: string) => Promise<void>;
+  mem?: string;
+  /** Back RAM with this file (memory-backend-file, share=on) so the test can read and write guest RAM. */
+  ramFile?: string;
+}
+
+interface Vm {
+  /** Poll the serial log until `pred` holds for the lines so far; fails if QEMU exits or time runs out. */
+  waitFor(pred: (lines: GuestLine[]) => boolean, timeoutMs?: number): Promise<GuestLine[]>;
+  /** The serial log so far. */
+  text(): string;
+  qmp(commands: { execute: string; arguments?: object }[]): Promise<unknown[]>;
 }
 
 const running = new Set<ChildProcess>();
@@ -59,43 +71,57 @@ async function killQemu(child: ChildProcess): Promise<void> {
   running.delete(child);
 }
 
-/** Boot a guest under QEMU, poll its serial file until `until` holds, then kill QEMU. */
-async function boot(opts: BootOptions): Promise<{ lines: GuestLine[]; text: string }> {
+/** Run `body` against a guest booted under QEMU; QEMU is killed (and reaped) afterwards whatever happens. */
+async function withQemu<T>(opts: QemuOptions, body: (vm: Vm) => Promise<T>): Promise<T> {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-guest-'));
   const serial = path.join(dir, 'serial.log');
-  const qmp = path.join(dir, 'qmp.sock');
+  const qmpSock = path.join(dir, 'qmp.sock');
+  const mem = opts.mem ?? '256M';
+  const machine = opts.ramFile ? 'microvm,memory-backend=mem0' : 'microvm';
   const args = [
-    '-M', 'microvm', '-accel', 'kvm', '-m', opts.mem ?? '256M', '-smp', '1',
+    '-M', machine, '-accel', 'kvm', '-m', mem, '-smp', '1',
     '-nodefaults', '-display', 'none', '-serial', `file:${serial}`,
-    '-qmp', `unix:${qmp},server=on,wait=off`,
+    '-qmp', `unix:${qmpSock},server=on,wait=off`,
     '-kernel', guestPath(opts.guest), '-append', opts.append,
   ];
+  if (opts.ramFile) args.push('-object', `memory-backend-file,id=mem0,size=${mem},mem-path=${opts.ramFile},share=on`);
   const child = spawn(QEMU!, args, { stdio: ['ignore', 'ignore', 'pipe'] });
   running.add(child);
   let stderr = '';
   child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
-  const deadline = Date.now() + (opts.timeoutMs ?? 20000);
-  let text = '';
+  const text = (): string => (fs.existsSync(serial) ? fs.readFileSync(serial, 'latin1') : '');
+  const vm: Vm = {
+    text,
+    async waitFor(pred, timeoutMs = 20000) {
+      const deadline = Date.now() + timeoutMs;
+      for (;;) {
+        const t = text();
+        const lines = parseGuestOutput(t);
+        if (pred(lines)) return lines;
+        if (child.exitCode !== null || child.signalCode !== null) {
+          assert.fail(`QEMU exited (${child.exitCode ?? child.signalCode}); stderr: ${stderr}; serial:\n${t}`);
+        }
+        if (Date.now() > deadline) assert.fail(`timed out waiting for ${opts.guest}; serial:\n${t}\nstderr: ${stderr}`);
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    },
+    qmp: (commands) => qmpSession(qmpSock, commands),
+  };
   try {
-    for (;;) {
-      text = fs.existsSync(serial) ? fs.readFileSync(serial, 'latin1') : '';
-      const lines = parseGuestOutput(text);
-      if (opts.until(lines)) {
-        if (opts.whileRunning) await opts.whileRunning(qmp);
-        return { lines, text };
-      }
-      if (child.exitCode !== null || child.signalCode !== null) {
-        assert.fail(`QEMU exited (${child.exitCode ?? child.signalCode}); stderr: ${stderr}; serial:\n${text}`);
-      }
-      if (Date.now() > deadline) assert.fail(`timed out waiting for ${opts.guest}; serial:\n${text}\nstderr: ${stderr}`);
-      await new Promise((r) => setTimeout(r, 100));
-    }
+    return await body(vm);
   } finally {
     await killQemu(child);
-    // no process left behind: the pid is gone (or at least reaped by us)
     assert.ok(child.exitCode !== null || child.signalCode !== null, 'QEMU still running');
     fs.rmSync(dir, { recursive: true, force: true });
   }
+}
+
+/** Boot, wait until `until` holds, return the lines. */
+function boot(opts: QemuOptions & { until: (lines: GuestLine[]) => boolean }): Promise<{ lines: GuestLine[]; text: string }> {
+  return withQemu(opts, async (vm) => {
+    const lines = await vm.waitFor(opts.until);
+    return { lines, text: vm.text() };
+  });
 }
 
 /** Minimal QMP client: one command at a time, events skipped. */
@@ -191,22 +217,17 @@ describe(SKIP ? `test guests under QEMU (skipped: ${SKIP})` : 'test guests under
   });
 
   it('memwriter fill=random ws=16M: no errors, RAM outside the working set holds page-unique data', async () => {
-    let sample: Buffer | undefined;
-    const { lines } = await boot({
-      guest: 'memwriter',
-      append: 'ws=16M fill=random order=random',
-      until: (l) => ticks(l, 'memwriter-tick').length >= 4,
-      whileRunning: async (qmp) => {
-        const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-pmem-'));
-        const file = path.join(dir, 'mem.bin');
-        try {
-          // 1 MiB at 128 MiB: above the 16M working set, below the end of RAM
-          await qmpSession(qmp, [{ execute: 'pmemsave', arguments: { val: 128 << 20, size: 1 << 20, filename: file } }]);
-          sample = fs.readFileSync(file);
-        } finally {
-          fs.rmSync(dir, { recursive: true, force: true });
-        }
-      },
+    const { lines, sample } = await withQemu({ guest: 'memwriter', append: 'ws=16M fill=random order=random' }, async (vm) => {
+      const lines = await vm.waitFor((l) => ticks(l, 'memwriter-tick').length >= 4);
+      const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ferry-pmem-'));
+      const file = path.join(dir, 'mem.bin');
+      try {
+        // 1 MiB at 128 MiB: above the 16M working set, below the end of RAM
+        await vm.qmp([{ execute: 'pmemsave', arguments: { val: 128 << 20, size: 1 << 20, filename: file } }]);
+        return { lines, sample: fs.readFileSync(file) };
+      } finally {
+        fs.rmSync(dir, { recursive: true, force: true });
+      }
     });
     assertNoErrorLines(lines);
     const ready = lines.find((l) => l.kind === 'memwriter-ready');
@@ -215,7 +236,7 @@ describe(SKIP ? `test guests under QEMU (skipped: ${SKIP})` : 'test guests under
     assertIncreasingTicks(t, 4);
     assert.equal(t[t.length - 1].errors, 0);
     assert.ok(t[t.length - 1].writes > t[0].writes, 'flat-out writes grow');
-    assert.ok(sample && sample.length === 1 << 20, 'pmemsave sample');
+    assert.equal(sample.length, 1 << 20, 'pmemsave sample');
     const pages = new Set<string>();
     for (let o = 0; o < sample.length; o += 4096) {
       const page = sample.subarray(o, o + 4096);
@@ -223,6 +244,64 @@ describe(SKIP ? `test guests under QEMU (skipped: ${SKIP})` : 'test guests under
       pages.add(page.toString('base64'));
     }
     assert.equal(pages.size, 256, 'every filled page differs from the others');
+  });
+
+  it('memwriter reports pages that are lost, stale or torn behind its back', async () => {
+    // RAM in a shared file: the test plays a broken migration by editing pages while the VM is stopped
+    const shm = fs.existsSync('/dev/shm') ? '/dev/shm' : os.tmpdir();
+    const ramFile = path.join(shm, `ferry-guest-ram-${process.pid}`);
+    try {
+      const result = await withQemu({ guest: 'memwriter', append: 'ws=1M', ramFile }, async (vm) => {
+        await vm.waitFor((l) => ticks(l, 'memwriter-tick').length >= 2);
+        await vm.qmp([{ execute: 'stop' }]);
+        // the working set starts after the image (1 MiB) and its table; find stamped pages
+        const fd = fs.openSync(ramFile, 'r+');
+        try {
+          const base = 1 << 20;
+          const region = Buffer.alloc(4 << 20);
+          fs.readSync(fd, region, 0, region.length, base);
+          const stamps: { gpa: number; stamped: boolean; gen: number }[] = [];
+          for (let o = 0; o < region.length; o += 4096) {
+            const gpa = base + o;
+            stamps.push({ gpa, ...readMemwriterStamp(region.subarray(o, o + 4096), gpa) });
+          }
+          // pages away from the write position: stamped, with stamped neighbours of the same generation
+          const quiet = stamps.filter(
+            (s, i) => i > 0 && i + 1 < stamps.length && s.stamped && [stamps[i - 1], stamps[i + 1]].every((n) => n.stamped && n.gen === s.gen),
+          );
+          assert.ok(quiet.length >= 64, `expected a working set of stamped pages, found ${quiet.length}`);
+          const [lost, stale, torn] = [quiet[5], quiet[20], quiet[40]];
+          fs.writeSync(fd, Buffer.alloc(4096), 0, 4096, lost.gpa);
+          fs.writeSync(fd, memwriterPage(stale.gpa, stale.gen - 1), 0, 4096, stale.gpa);
+          const tornPage = memwriterPage(torn.gpa, torn.gen);
+          tornPage.writeUInt32LE(0xdeadbeef, 4092); // a half-copied page: the tail is wrong
+          fs.writeSync(fd, tornPage, 0, 4096, torn.gpa);
+          await vm.qmp([{ execute: 'cont' }]);
+          const before = ticks(await vm.waitFor(() => true), 'memwriter-tick').length;
+          const lines = await vm.waitFor((l) => ticks(l, 'memwriter-tick').length >= before + 3);
+          return { lines, text: vm.text(), lost, stale, torn };
+        } finally {
+          fs.closeSync(fd);
+        }
+      });
+      const { lines, text, lost, stale, torn } = result;
+      const corrupt = lines.filter((l) => l.kind === 'corrupt');
+      assert.deepEqual(
+        corrupt.map((c) => (c.kind === 'corrupt' ? [c.gpa, c.expected, c.found] : [])).sort((a, b) => a[0] - b[0]),
+        [
+          [lost.gpa, lost.gen, 0],
+          [stale.gpa, stale.gen, stale.gen - 1],
+          [torn.gpa, torn.gen, torn.gen],
+        ].sort((a, b) => a[0] - b[0]),
+      );
+      assert.match(text, new RegExp(`CORRUPT gpa=0x${lost.gpa.toString(16)} expected=${lost.gen} found=0 stamp=0x0\n`));
+      assert.match(text, new RegExp(`CORRUPT gpa=0x${torn.gpa.toString(16)} expected=${torn.gen} found=${torn.gen} tail=0x`));
+      const t = ticks(lines, 'memwriter-tick');
+      assert.equal(t[t.length - 1].errors, 3, 'each damaged page counted once, then rewritten and verified again');
+      assert.ok(t[t.length - 1].verified > 0);
+    } finally {
+      fs.rmSync(ramFile, { force: true });
+    }
   });
 
   it('memwriter clamps a working set larger than RAM', async () => {
