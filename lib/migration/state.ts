@@ -329,9 +329,11 @@ const monotonicMs = (): number => performance.now();
 /**
  * One side's migration status with compare-and-set transitions.
  *
- * Events:
+ * Events (emitted synchronously after the status changed; listeners must not throw, or the
+ * exception reaches the setState caller with the transition already made):
  * - 'state' (MigrationStateChange): every successful transition.
- * - 'migration' (MigrationEventData): every successful transition while eventsEnabled() is true.
+ * - 'migration' (MigrationEventData): every successful transition while eventsEnabled() is true;
+ *   wire it as `eventsEnabled: () => options.capability('events')`.
  */
 export class MigrationStateMachine extends EventEmitter {
   readonly side: MigrationSide;
