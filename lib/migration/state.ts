@@ -56,6 +56,7 @@
  * - The destination never starts twice: `migrate-incoming` succeeds at most once per process.
  */
 import { EventEmitter } from 'node:events';
+import { FerryError } from '../errors';
 
 /** QEMU's MigrationStatus enum, in QEMU's order (9.1 added postcopy-recover-setup). */
 export const MIGRATION_STATUSES = [
@@ -247,18 +248,21 @@ export const ERR_MIGRATION_PARAMETER = 'ERR_MIGRATION_PARAMETER';
 export const ERR_MIGRATION_ARGUMENT = 'ERR_MIGRATION_ARGUMENT';
 
 /**
- * A refusal a QMP command returns: `message` is QEMU's `desc` text, `errorClass` its `class`.
- * The QMP layer answers `{"error": {"class": e.errorClass, "desc": e.message}}`.
+ * A refusal a QMP command returns: `message` is QEMU's `desc` text, `errorClass` its `class`
+ * (also readable as `qmpClass`, which lib/qmp's errorClassOf() picks up). The QMP layer answers
+ * `{"error": {"class": e.errorClass, "desc": e.message}}`.
  */
-export class MigrationCommandError extends Error {
-  override readonly name = 'MigrationCommandError';
-  readonly code: string;
+export class MigrationCommandError extends FerryError {
   readonly errorClass: QmpErrorClass;
 
-  constructor(code: string, message: string, errorClass: QmpErrorClass = 'GenericError', options?: ErrorOptions) {
-    super(message, options);
-    this.code = code;
+  constructor(code: string, message: string, errorClass: QmpErrorClass = 'GenericError', options?: { cause?: unknown }) {
+    super(code, message, options);
+    this.name = 'MigrationCommandError';
     this.errorClass = errorClass;
+  }
+
+  get qmpClass(): QmpErrorClass {
+    return this.errorClass;
   }
 
   /** The QMP error object. */
@@ -268,15 +272,14 @@ export class MigrationCommandError extends Error {
 }
 
 /** Raised by setState for a transition the side's table does not allow (a bug in the caller). */
-export class MigrationTransitionError extends Error {
-  override readonly name = 'MigrationTransitionError';
-  readonly code = ERR_MIGRATION_INVALID_TRANSITION;
+export class MigrationTransitionError extends FerryError {
   constructor(
     readonly side: MigrationSide,
     readonly from: MigrationStatus,
     readonly to: MigrationStatus,
   ) {
-    super(`invalid ${side} migration transition ${from} -> ${to}`);
+    super(ERR_MIGRATION_INVALID_TRANSITION, `invalid ${side} migration transition ${from} -> ${to}`);
+    this.name = 'MigrationTransitionError';
   }
 }
 

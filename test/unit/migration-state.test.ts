@@ -37,6 +37,8 @@ import {
   type RamCounters,
   type SourceSnapshot,
 } from '../../lib/migration/info';
+import { FerryError } from '../../lib/errors';
+import { errorClassOf, errorDescOf } from '../../lib/qmp/protocol';
 
 type S = MigrationStatus;
 
@@ -406,6 +408,17 @@ describe('migration command guards', () => {
     assert.deepEqual(e.toQmp(), { class: 'GenericError', desc: msg });
     if (code) assert.equal(e.code, code);
   };
+
+  it('refusals are FerryErrors the QMP server turns into {class, desc}', () => {
+    const e = guardMigrateContinue({ source: 'none' }, 'pre-switchover')!;
+    assert.ok(e instanceof FerryError);
+    assert.equal(e.code, 'ERR_MIGRATION_INVALID_STATE');
+    assert.equal(errorClassOf(e), 'GenericError');
+    assert.equal(errorDescOf(e), 'Migration not in expected state: none');
+    const t = new MigrationTransitionError('source', 'none', 'completed');
+    assert.ok(t instanceof FerryError);
+    assert.equal(t.code, 'ERR_MIGRATION_INVALID_TRANSITION');
+  });
 
   it('migrate: allowed when idle or after a finished migration (running VM)', () => {
     for (const s of ['none', 'completed', 'failed', 'cancelled', 'colo'] as const) {
