@@ -20,7 +20,8 @@
  *   hz=N         sleep timer rate when pacing or idle, default 100 (1..1000)
  *
  * Output lines:
- *   info tsc_hz=<n> lapic_hz=<n> ram=<bytes> io=iopl|trap
+ *   info tsc_hz=<n> lapic_hz=<n> ram=<bytes> io=iopl|trap   (diagnostics)
+ *   info ram 0x<start>-0x<end>                             (one per RAM range)
  *   memwriter ready ram=<bytes> ws=<bytes>
  *   tick <n> writes=<total> verified=<total> errors=<total>
  *   CORRUPT gpa=0x<hex> expected=<gen> found=<gen>[ stamp=0x<hex>][ tail=0x<hex>]
@@ -267,14 +268,13 @@ void guest_main(void)
 	int sleeps = rate || !ws_pages;
 	if (sleeps)
 		lapic_timer_periodic((u32)hz);
-	u64 period = ms_to_tsc(tick_ms), n = 0;
-	u64 last = rdtsc(), next = last + period;
+	struct schedule sched;
+	u64 n = 0, last = rdtsc();
 	u64 credit = 0, credit_max = rate / 10 + PAGE_SIZE;  /* at most 100 ms of catch-up */
+	schedule_start(&sched, ms_to_tsc(tick_ms));
 	for (;;) {
 		u64 now = rdtsc();
-		if ((int64_t)(now - next) >= 0) {
-			/* after a pause or migration: one line, then a fresh schedule */
-			next = (now - next > period) ? now + period : next + period;
+		if (schedule_due(&sched, now)) {
 			print("tick %lu writes=%lu verified=%lu errors=%lu\n", ++n, writes, verified, errors);
 			corrupt_lines = 0;
 		}
@@ -288,6 +288,8 @@ void guest_main(void)
 		}
 		u64 dt = now - last;
 		last = now;
+		if ((int64_t)dt < 0)
+			dt = 0;  /* TSC went back (migration): no credit */
 		if (dt > tsc_hz / 10)
 			dt = tsc_hz / 10;
 		credit += muldiv(rate, dt, tsc_hz);

@@ -5,7 +5,8 @@
  *
  * Parameters: hz=N (timer rate, default 100, 1..1000), tick=MS (report
  * interval, default 100).
- * Output: "ticker ready hz=<n>" once, then "tick <n> irqs=<total>".
+ * Output: "info ..." diagnostics lines (as memwriter), "ticker ready hz=<n>"
+ * once, then "tick <n> irqs=<total>" every tick.
  */
 #include "common/guest.h"
 
@@ -34,15 +35,12 @@ void guest_main(void)
 	lapic_timer_periodic((u32)hz);
 	guest_info();
 	print("ticker ready hz=%lu\n", hz);
-	u64 period = ms_to_tsc(tick_ms), n = 0;
-	u64 next = rdtsc() + period;
+	struct schedule sched;
+	u64 n = 0;
+	schedule_start(&sched, ms_to_tsc(tick_ms));
 	for (;;) {
 		sys_wait();
-		u64 now = rdtsc();
-		if ((int64_t)(now - next) < 0)
-			continue;
-		/* after a pause or migration: one line, then back on a fresh schedule */
-		next = (now - next > period) ? now + period : next + period;
-		print("tick %lu irqs=%lu\n", ++n, irq_count);
+		if (schedule_due(&sched, rdtsc()))
+			print("tick %lu irqs=%lu\n", ++n, irq_count);
 	}
 }

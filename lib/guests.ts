@@ -65,6 +65,7 @@ export function listGuests(): (GuestInfo & { path: string; built: boolean })[] {
 /** One parsed serial line of a test guest. Numbers above 2^53 would lose precision: counters stay far below. */
 export type GuestLine =
   | { kind: 'info'; tscHz: number; lapicHz: number; ram: number; io: string }
+  | { kind: 'info-ram'; start: number; end: number }
   | { kind: 'memwriter-ready'; ram: number; ws: number }
   | { kind: 'ticker-ready'; hz: number }
   | { kind: 'memwriter-tick'; n: number; writes: number; verified: number; errors: number }
@@ -74,6 +75,7 @@ export type GuestLine =
 
 const LINE_PATTERNS: readonly [RegExp, (m: RegExpExecArray) => GuestLine][] = [
   [/^info tsc_hz=(\d+) lapic_hz=(\d+) ram=(\d+) io=(\w+)$/, (m) => ({ kind: 'info', tscHz: +m[1], lapicHz: +m[2], ram: +m[3], io: m[4] })],
+  [/^info ram 0x([0-9a-f]+)-0x([0-9a-f]+)$/, (m) => ({ kind: 'info-ram', start: parseInt(m[1], 16), end: parseInt(m[2], 16) })],
   [/^memwriter ready ram=(\d+) ws=(\d+)$/, (m) => ({ kind: 'memwriter-ready', ram: +m[1], ws: +m[2] })],
   [/^ticker ready hz=(\d+)$/, (m) => ({ kind: 'ticker-ready', hz: +m[1] })],
   [

@@ -86,4 +86,6 @@ void guest_info(void)
 {
 	print("info tsc_hz=%lu lapic_hz=%lu ram=%lu io=%s\n", tsc_hz, lapic_hz, ram_bytes,
 	      gp_emulations ? "trap" : "iopl");
+	for (int i = 0; i < ram_count; i++)
+		print("info ram 0x%lx-0x%lx\n", ram[i].start, ram[i].end);
 }

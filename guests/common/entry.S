@@ -186,10 +186,14 @@ pdpt:
 	.quad pd0 + 0x3000 + (PTE_P | PTE_RW | PTE_US)
 	.fill 508, 8, 0
 pd0:
-	/* 2048 x 2 MiB pages = 0..4 GiB; 3..4 GiB (MMIO hole) uncached. */
+	/*
+	 * 2048 x 2 MiB pages = 0..4 GiB, write-back except the top 32 MiB
+	 * (IOAPIC, HPET, LAPIC: uncached). Write-back up to there keeps RAM
+	 * fast wherever a VMM ends low memory (3 GiB on microvm, more on pc).
+	 */
 	.set i, 0
 	.rept 2048
-	.quad (i << 21) | (PTE_P | PTE_RW | PTE_US | PTE_PS) | ((i >= 1536) & (PTE_PCD | PTE_PWT))
+	.quad (i << 21) | (PTE_P | PTE_RW | PTE_US | PTE_PS) | ((i >= 2032) & (PTE_PCD | PTE_PWT))
 	.set i, i + 1
 	.endr
 

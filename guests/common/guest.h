@@ -133,6 +133,15 @@ void time_init(void);                   /* calibrates TSC (and the LAPIC timer) 
 void lapic_timer_periodic(u32 hz);      /* vector TIMER_VECTOR; hz == 0 stops it */
 static inline u64 ms_to_tsc(u64 ms) { return muldiv(tsc_hz, ms, 1000); }
 
+/*
+ * A report schedule on the TSC that survives being stopped and migrated:
+ * a late or early (TSC jumped forward or back) schedule produces at most
+ * one line and restarts from now, it never bursts or stalls.
+ */
+struct schedule { u64 period, next, prev; };
+void schedule_start(struct schedule *s, u64 period);
+int schedule_due(struct schedule *s, u64 now);
+
 /* "info tsc_hz=.. lapic_hz=.. ram=.. io=iopl|trap": diagnostics, one line. */
 void guest_info(void);
 

@@ -38,12 +38,19 @@ static u64 tsc_pit_once(void)
 	outb(0x40, 0xff);
 	outb(0x40, 0xff);
 	syscall1(SYS_PIT_SAMPLE, (u64)&s0);
+	u64 last = s0.count, same = 0;
 	for (;;) {
 		syscall1(SYS_PIT_SAMPLE, (u64)&s);
 		if (s.count > s0.count)
 			return 0;  /* wrapped: we were descheduled too long */
 		if (s0.count - s.count >= 50000)
 			break;
+		if (s.count != last) {
+			last = s.count;
+			same = 0;
+		} else if (++same > 100000) {
+			fail("cannot calibrate the TSC: PIT channel 0 is not counting");
+		}
 	}
 	/* midpoints of each sample's bracket; the brackets bound the error */
 	u64 cycles = (s.tsc_before + s.tsc_after) / 2 - (s0.tsc_before + s0.tsc_after) / 2;
@@ -119,4 +126,25 @@ void lapic_timer_periodic(u32 hz)
 	lapic_write(LAPIC_TIMER_DCR, 0xb);
 	lapic_write(LAPIC_LVT_TIMER, LVT_PERIODIC | TIMER_VECTOR);
 	lapic_write(LAPIC_TIMER_ICR, (u32)count);
+}
+
+void schedule_start(struct schedule *s, u64 period)
+{
+	s->period = period;
+	s->prev = rdtsc();
+	s->next = s->prev + period;
+}
+
+int schedule_due(struct schedule *s, u64 now)
+{
+	int backwards = (int64_t)(now - s->prev) < 0;
+	s->prev = now;
+	if (backwards) {
+		s->next = now + s->period;
+		return 1;
+	}
+	if ((int64_t)(now - s->next) < 0)
+		return 0;
+	s->next = (now - s->next > s->period) ? now + s->period : s->next + s->period;
+	return 1;
 }
