@@ -34,7 +34,10 @@ export interface ControllerOptions {
 }
 
 export class MigrationController extends EventEmitter {
-  readonly options = new MigrationOptions();
+  /** Postcopy and background snapshots come with their own issues: refused until then. */
+  readonly options = new MigrationOptions({
+    supported: { 'postcopy-ram': false, 'postcopy-preempt': false, 'background-snapshot': false, 'switchover-ack': true },
+  });
   readonly source: MigrationStateMachine;
   readonly destination: MigrationStateMachine;
   readonly stats = new RamStats();
@@ -99,7 +102,10 @@ export class MigrationController extends EventEmitter {
       throw new QmpError('GenericError', (err as Error).message);
     }
     const listener = this.listener;
-    const inc = new IncomingMigration(this.machine, this.destination, { autostart: this.opts.autostart });
+    const inc = new IncomingMigration(this.machine, this.destination, {
+      autostart: this.opts.autostart,
+      switchoverAck: () => this.options.capability('switchover-ack'),
+    });
     this.incoming = inc;
     this.incomingDone = inc.run(() => listener.accept()).then(async () => {
       await listener.close();

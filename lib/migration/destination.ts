@@ -28,6 +28,8 @@ import type { MigrationStateMachine, RunState } from './state';
 export interface IncomingOptions {
   /** Start the guest when the source was running (QEMU's autostart; false with -S). */
   autostart: boolean;
+  /** switchover-ack capability on this side: acknowledge once RAM setup loaded (no device needs more). */
+  switchoverAck?: () => boolean;
 }
 
 export class IncomingMigration extends EventEmitter {
@@ -98,6 +100,7 @@ export class IncomingMigration extends EventEmitter {
             }
             await ram.loadSection();
             if (item.type === SectionType.END) sawRamEnd = true;
+            if (item.type === SectionType.START && this.rp && this.opts.switchoverAck?.()) this.rp.switchoverAck();
             break;
           }
           if (item.type !== SectionType.FULL) {
