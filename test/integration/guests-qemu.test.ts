@@ -270,6 +270,9 @@ describe(SKIP ? `test guests under QEMU (skipped: ${SKIP})` : 'test guests under
             (s, i) => i > 0 && i + 1 < stamps.length && s.stamped && [stamps[i - 1], stamps[i + 1]].every((n) => n.stamped && n.gen === s.gen),
           );
           assert.ok(quiet.length >= 64, `expected a working set of stamped pages, found ${quiet.length}`);
+          // lib/guests.ts knows the whole page format, not just the stamp words
+          const q = quiet[10];
+          assert.ok(region.subarray(q.gpa - base, q.gpa - base + 4096).equals(memwriterPage(q.gpa, q.gen)), 'page body matches memwriterPage()');
           const [lost, stale, torn] = [quiet[5], quiet[20], quiet[40]];
           fs.writeSync(fd, Buffer.alloc(4096), 0, 4096, lost.gpa);
           fs.writeSync(fd, memwriterPage(stale.gpa, stale.gen - 1), 0, 4096, stale.gpa);
