@@ -25,19 +25,26 @@ export interface GuestMemory {
   readonly address: bigint;
   /**
    * A zero-copy external ArrayBuffer over [offset, offset+length) of the
-   * mapping. length <= 1 GiB. The buffer keeps the mapping alive.
+   * mapping. length <= 1 GiB. Until close(), a live view keeps the mapping
+   * alive even if this object is collected; close() detaches every view.
    */
   view(offset: number, length: number): ArrayBuffer;
-  /** madvise(MADV_DONTNEED) on a page-aligned range (postcopy discard). */
+  /**
+   * madvise(MADV_DONTNEED) on a page-aligned range (postcopy discard); memfd
+   * and file backings also get fallocate(PUNCH_HOLE) so the range reads zero.
+   */
   discard(offset: number, length: number): void;
-  /** Index of the first non-zero byte in [offset, offset+length), or -1. */
+  /** Offset (from the start of the mapping) of the first non-zero byte in [offset, offset+length), or -1. */
   findNonZero(offset: number, length: number): number;
   /**
    * Zero-page scan of `pages` 4 KiB pages from offset: fills `out` (one byte
    * per page) with 1 where the page is all zero, 0 otherwise.
    */
   scanZeroPages(offset: number, pages: number, out: Uint8Array): void;
-  /** munmap (and close the backing fd). Views become detached/unsafe to use after. */
+  /**
+   * Detach every view, munmap, close the backing fd. Idempotent. Afterwards
+   * methods throw ERR_MEMORY_CLOSED; views read as length 0.
+   */
   close(): void;
 }
 
@@ -144,7 +151,15 @@ export type VcpuExit =
  * while the vCPU thread waits; I/O data written into `exit.data` during the
  * callback is what the guest reads. After 'shutdown', 'internal-error',
  * 'fail-entry', 'system-event', 'unknown' or 'error' the thread parks itself
- * (as if paused) until resume() or close().
+ * (as if paused) until resume() or close(). 'hlt' (no in-kernel irqchip)
+ * continues unless the callback pauses.
+ *
+ * If onExit throws, the vCPU parks itself and the error is re-raised as an
+ * uncaught exception (process 'uncaughtException').
+ * State getters/setters throw ERR_VCPU_RUNNING unless the vCPU is paused
+ * (or not started). A started vCPU keeps the process alive until close().
+ * After close(): start/resume and every state method throw EBADF (op names
+ * the ioctl, 'KVM_RUN' for start/resume); pause() resolves.
  */
 export interface Vcpu {
   readonly fd: number;
@@ -169,7 +184,11 @@ export interface Vcpu {
   setXsave(b: Buffer): void;
   getXcrs(): Buffer; // struct kvm_xcrs
   setXcrs(b: Buffer): void;
-  /** KVM_GET_MSRS for the given indices; returns the values read (as BigInt). Throws if fewer were read. */
+  /**
+   * KVM_GET_MSRS for the given indices; returns the values read (as BigInt).
+   * If the kernel reads fewer, throws ERR_KVM_MSR_UNREADABLE with `index`
+   * (the first MSR it refused) and `read` (how many it read).
+   */
   getMsrs(indices: number[]): bigint[];
   /** KVM_SET_MSRS; returns the number of MSRs the kernel accepted. */
   setMsrs(indices: number[], values: bigint[]): number;
