@@ -22,6 +22,9 @@
 //   itself (dropped by the TSFN finalizer, after the last queued call) and to
 //   its Vm (so guest memory stays mapped). An env cleanup hook stops and joins
 //   the thread at process/worker exit.
+// - SAFETY (state ioctls): each passes a local struct of exactly the type its
+//   ioctl number encodes; variable-size ones (MSRs, CPUID, XSAVE) use the C
+//   layouts from kvm_abi.h with buffers sized from the count they carry.
 // - An exception thrown by onExit is re-raised as an uncaught exception
 //   (napi_fatal_exception, i.e. process 'uncaughtException'); the vCPU parks
 //   itself so the guest does not run on with a half-handled exit.
