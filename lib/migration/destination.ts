@@ -35,6 +35,7 @@ export interface IncomingOptions {
 export class IncomingMigration extends EventEmitter {
   private rp: RpWriter | undefined;
   private channel: IncomingChannel | undefined;
+  private failure: Error | undefined;
 
   constructor(
     private readonly machine: MigratableMachine,
@@ -42,6 +43,11 @@ export class IncomingMigration extends EventEmitter {
     private readonly opts: IncomingOptions,
   ) {
     super();
+  }
+
+  /** The error that failed the load, if it failed (its `code` tells stream from transport errors). */
+  get error(): Error | undefined {
+    return this.failure;
   }
 
   /** Aborts a load in progress (the guest stays in inmigrate, never runs). */
@@ -65,6 +71,7 @@ export class IncomingMigration extends EventEmitter {
       st.tryTransition('completed');
       await channel.close();
     } catch (err) {
+      this.failure = err as Error;
       st.setError(describeError(err as Error));
       this.rp?.shut(true);
       st.tryTransition('failed');
@@ -156,7 +163,6 @@ export class IncomingMigration extends EventEmitter {
     const m = this.machine;
     if (received === undefined || received === 'running') {
       if (this.opts.autostart) {
-        m.setRunState('running');
         await m.startVcpus();
       } else {
         m.setRunState('paused');

@@ -32,9 +32,9 @@ export interface MigratableMachine {
   dirtyLogSync(index: number): Uint8Array;
   dirtyLogStop(): void;
 
-  /** Stops every vCPU; resolves when they are quiescent. */
+  /** QEMU's vm_stop_force_state(finish-migrate): vCPUs quiescent, run state finish-migrate. */
   stopVcpus(): Promise<void>;
-  /** Starts every vCPU (the guest runs). */
+  /** QEMU's vm_start: run state running, every vCPU started. */
   startVcpus(): Promise<void>;
 
   /** Device state sections to send (timer and globalstate are added by the engine). */

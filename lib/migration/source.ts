@@ -358,7 +358,6 @@ export class OutgoingMigration extends EventEmitter {
     if (this.vcpusStoppedByUs || m.runState === 'finish-migrate') {
       try {
         if (this.wasRunning) {
-          m.setRunState('running');
           await m.startVcpus();
         } else {
           m.setRunState('paused');

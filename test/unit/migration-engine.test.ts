@@ -11,63 +11,13 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { native, type GuestMemory } from '../../lib/native';
-import { PageBitmap } from '../../lib/migration/bitmap';
 import { IncomingMigration } from '../../lib/migration/destination';
 import { RamStats } from '../../lib/migration/info';
-import type { DeviceStateSection, MigratableMachine } from '../../lib/migration/machine-port';
 import { MigrationOptions } from '../../lib/migration/options';
 import { OutgoingMigration } from '../../lib/migration/source';
-import { MigrationStateMachine, type RunState } from '../../lib/migration/state';
+import { MigrationStateMachine } from '../../lib/migration/state';
 import { connectOutgoing, listenIncoming } from '../../lib/transport';
-
-const PAGE = 4096;
-
-class MemoryMachine implements MigratableMachine {
-  readonly configName = 'none';
-  readonly ramBlocks;
-  runState: RunState;
-  readonly dirty: PageBitmap;
-  started = 0;
-  stopped = 0;
-  constructor(
-    readonly memory: GuestMemory,
-    runState: RunState,
-  ) {
-    this.ramBlocks = [{ idstr: 'ram', size: memory.size, memory }];
-    this.runState = runState;
-    this.dirty = new PageBitmap(memory.size / PAGE);
-  }
-  setRunState(s: RunState): void {
-    this.runState = s;
-  }
-  dirtyLogStart(): void {
-    this.dirty.clearAll();
-  }
-  dirtyLogSync(): Uint8Array {
-    const out = new Uint8Array(this.dirty.bytes);
-    this.dirty.clearAll();
-    return out;
-  }
-  dirtyLogStop(): void {}
-  async stopVcpus(): Promise<void> {
-    this.stopped++;
-  }
-  async startVcpus(): Promise<void> {
-    this.started++;
-  }
-  saveDevices(): DeviceStateSection[] {
-    return [];
-  }
-  deviceVmsd(): undefined {
-    return undefined;
-  }
-  async loadDevices(): Promise<void> {}
-  /** The guest writes a page: new content and a dirty bit. */
-  write(page: number, byte: number): void {
-    new Uint8Array(this.memory.view(page * PAGE, PAGE)).fill(byte);
-    this.dirty.set(page);
-  }
-}
+import { MemoryMachine } from '../helpers/memory-machine';
 
 function sha(mem: GuestMemory): string {
   return crypto.createHash('sha256').update(new Uint8Array(mem.view(0, mem.size))).digest('hex');
