@@ -222,7 +222,6 @@ export class StreamReader {
       left -= inCur;
       this.nextChunk();
     }
-    if (this.cur.length === this.curPos && this._buffered === 0) this.nextChunk();
     this.maybeResume();
   }
 

@@ -80,6 +80,12 @@ export interface SectionParserOptions {
   maxPackagedSize?: number;
   /** Reject a configuration naming another machine type. */
   expectMachine?: string;
+  /**
+   * Sections already opened (START/FULL) by an earlier parser of the same
+   * migration: a PACKAGED payload or the new main channel after postcopy
+   * recovery continues with PART/END of sections started before. Shared, not copied.
+   */
+  sections?: Map<number, SectionInfo>;
 }
 
 type State = 'header' | 'configuration' | 'loop' | 'vmdesc' | 'done';
@@ -87,16 +93,17 @@ type State = 'header' | 'configuration' | 'loop' | 'vmdesc' | 'done';
 export class SectionParser implements AsyncIterable<StreamItem> {
   readonly reader: StreamReader;
   /** Sections opened by START/FULL, by section id. */
-  readonly sections = new Map<number, SectionInfo>();
+  readonly sections: Map<number, SectionInfo>;
   /** Set when something other than a VM description followed EOF (QEMU tolerates it). */
   trailerWarning: string | undefined;
   private state: State;
-  private readonly opts: Required<Omit<SectionParserOptions, 'expectMachine'>> & { expectMachine?: string };
+  private readonly opts: Required<Omit<SectionParserOptions, 'expectMachine' | 'sections'>> & { expectMachine?: string };
   private pendingFooter: { sectionId: number; position: number } | undefined;
   private pendingPackaged: number | undefined;
 
   constructor(reader: StreamReader, opts: SectionParserOptions = {}) {
     this.reader = reader;
+    this.sections = opts.sections ?? new Map();
     this.opts = {
       header: opts.header ?? true,
       configuration: opts.configuration ?? true,
@@ -156,6 +163,7 @@ export class SectionParser implements AsyncIterable<StreamItem> {
       configuration: false,
       sectionFooter: this.opts.sectionFooter,
       vmdesc: false,
+      sections: this.sections,
     });
   }
 

@@ -82,6 +82,40 @@ describe('stream sections', () => {
     assert.equal(res.runstate, 'paused');
   });
 
+  it('a PACKAGED payload may continue sections started outside it (shared section table)', async () => {
+    const w = new StreamWriter();
+    w.header();
+    w.configuration({ machine: 'none' });
+    w.sectionStart(SectionType.START, 3, 'ram', 0, 4);
+    w.put64(0x10);
+    w.footer(3);
+    const inner = new StreamWriter();
+    inner.sectionPart(SectionType.END, 3);
+    inner.put64(0x10);
+    inner.footer(3);
+    const body = inner.toBuffer();
+    w.command(MIG_CMD.PACKAGED, Buffer.from([0, 0, 0, body.length]));
+    const pkgAt = w.totalBytes;
+    w.putBytes(body);
+    w.eof();
+    const parser = new SectionParser(StreamReader.fromBuffer(w.toBuffer()));
+    const seen: string[] = [];
+    for (let item = await parser.next(); item; item = await parser.next()) {
+      seen.push(item.kind === 'section' ? `${item.typeName}:${item.idstr}` : item.kind);
+      if (item.kind === 'section') await parser.reader.skipBytes(8);
+      if (item.kind === 'command') {
+        const sub = await parser.readPackaged();
+        for (let it = await sub.next(); it; it = await sub.next()) {
+          assert.ok(it.kind === 'section');
+          assert.equal(it.position, pkgAt, 'absolute position inside the package');
+          seen.push(`pkg ${it.typeName}:${it.idstr}`);
+          await sub.reader.skipBytes(8);
+        }
+      }
+    }
+    assert.deepEqual(seen, ['header', 'configuration', 'START:ram', 'command', 'pkg END:ram', 'eof']);
+  });
+
   it('gives the same result at any chunk boundaries', async () => {
     const { sample, ram } = smallSample({ packaged: true });
     await fc.assert(
