@@ -169,6 +169,18 @@ export function checkInput(value: unknown, oobEnabled: boolean): CheckedInput {
   return { ok: true, request };
 }
 
+/** A QMP address that does not parse; `reason` is the explanation without the address. */
+export class QmpAddressError extends FerryError {
+  readonly input: string;
+  readonly reason: string;
+  constructor(input: string, reason: string) {
+    super(ERR_QMP_ADDRESS, `invalid QMP address '${input}': ${reason}`);
+    this.name = 'QmpAddressError';
+    this.input = input;
+    this.reason = reason;
+  }
+}
+
 /** QMP listen/connect addresses: `unix:PATH` or `tcp:HOST:PORT`. */
 export type QmpAddress = { type: 'unix'; path: string } | { type: 'tcp'; host: string; port: number };
 
@@ -176,11 +188,11 @@ export type QmpAddress = { type: 'unix'; path: string } | { type: 'tcp'; host: s
  * Parses `unix:PATH` / `tcp:HOST:PORT` (IPv6 hosts in brackets). QEMU's
  * chardev flags `server`, `server=on`, `wait=off`, `nowait` are accepted and
  * ignored, so a QEMU -qmp argument can be reused; `wait=on` is refused
- * (ferry never blocks start-up for a client). Throws FerryError
- * ERR_QMP_ADDRESS saying what was wrong.
+ * (ferry never blocks start-up for a client). Throws QmpAddressError
+ * (code ERR_QMP_ADDRESS) saying what was wrong.
  */
 export function parseQmpAddress(text: string): QmpAddress {
-  const bad = (why: string): FerryError => new FerryError(ERR_QMP_ADDRESS, `invalid QMP address '${text}': ${why}`);
+  const bad = (why: string): QmpAddressError => new QmpAddressError(text, why);
   const parts = text.split(',');
   let main = parts[0];
   for (const flag of parts.slice(1)) {

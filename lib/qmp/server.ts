@@ -144,6 +144,16 @@ export class QmpConnection {
       closeFds(fds);
       return;
     }
+    try {
+      this.consume(chunk, fds);
+    } catch {
+      // A bug here must cost this client its connection, not the process (this
+      // runs from a native poll callback where a throw would be fatal).
+      this.close();
+    }
+  }
+
+  private consume(chunk: Buffer, fds: number[]): void {
     if (fds.length > 0) this.batches.push({ start: this.splitter.position, fds });
     for (const unit of this.splitter.push(chunk)) {
       if (unit.kind === 'overflow') {

@@ -1,0 +1,142 @@
+/**
+ * `ferry run`: builds the Machine from RunOptions, its serial sink and QMP
+ * server(s), registers the machine's and the migration controller's QMP
+ * commands, loads the guest and starts it (or stays in prelaunch with
+ * --paused until `cont`, or waits in inmigrate with --incoming).
+ *
+ * Ends (resolving with exit status 0) on: the guest powering off or
+ * triple-faulting (SHUTDOWN guest=true), QMP `quit` (SHUTDOWN host-qmp-quit),
+ * SIGINT/SIGTERM (SHUTDOWN host-signal). Every end path runs the same
+ * cleanup: SHUTDOWN reaches the QMP clients, the migration controller stops,
+ * the QMP servers close, the vCPU threads are joined, RAM is unmapped and
+ * the serial output flushed, so the process exits with nothing left behind.
+ *
+ * Contract with lib/cli/main.ts: runMachine(options) resolves when the
+ * machine has shut down with the exit code; failures to start throw a
+ * FerryError (main prints it, exit status 1).
+ */
+import { FerryError } from '../errors';
+import { Machine, type ShutdownInfo } from '../machine/machine';
+import { MigratableAdapter } from '../machine/migratable';
+import { registerMachineCommands } from '../machine/qmp-commands';
+import { createSerialSink, type SerialSpec } from '../machine/serial';
+import { MigrationController } from '../migration/controller';
+import { formatQmpAddress } from '../qmp/protocol';
+import { QmpServer } from '../qmp/server';
+import type { RunOptions } from './run-options';
+
+/** How long pending QMP output (the SHUTDOWN event) may take to drain at exit. */
+const FLUSH_MS = 500;
+/** Safety net: exit even if some handle we do not own keeps the loop alive. */
+const FORCE_EXIT_MS = 3000;
+
+function serialSpec(o: RunOptions): SerialSpec {
+  switch (o.serial.type) {
+    case 'stdio':
+      return 'stdio';
+    case 'none':
+      return 'none';
+    case 'file':
+      return { file: o.serial.path };
+  }
+}
+
+async function flushClients(server: QmpServer): Promise<void> {
+  const end = Date.now() + FLUSH_MS;
+  while (Date.now() < end && server.clients.some((c) => !c.closed && c.socket.writableLength > 0)) {
+    await new Promise((r) => setTimeout(r, 10));
+  }
+}
+
+export async function runMachine(options: RunOptions): Promise<number> {
+  let machine: Machine;
+  try {
+    machine = new Machine({
+      machineType: options.machine,
+      ramSize: options.memory,
+      cpus: options.cpus,
+      guest: options.guest?.path,
+      cmdline: options.append,
+      serial: createSerialSink(serialSpec(options)),
+      memPath: options.memPath,
+    });
+  } catch (err) {
+    if (err instanceof FerryError) throw err;
+    throw new FerryError('ERR_MACHINE_CREATE', `cannot create the machine: ${(err as Error).message}`, { cause: err });
+  }
+
+  const autostart = { value: !options.paused };
+  let finishing: Promise<void> | undefined;
+  let resolveDone!: (code: number) => void;
+  const done = new Promise<number>((r) => (resolveDone = r));
+
+  const server = new QmpServer({ onQuit: () => finish({ guest: false, reason: 'host-qmp-quit' }) });
+  registerMachineCommands(server, machine, { autostart });
+  const controller = new MigrationController(new MigratableAdapter(machine), {
+    get autostart() {
+      return autostart.value;
+    },
+    lookupFd: (name) => server.takeFd(name),
+  });
+  controller.register(server);
+
+  machine.on('qmp-event', (name: string, data?: Record<string, unknown>) => server.emitEvent(name, data));
+  machine.on('guest-error', (msg: string) => process.stderr.write(`ferry run: ${msg}\n`));
+  machine.on('shutdown', () => void finish());
+
+  const onSignal = (sig: NodeJS.Signals) => {
+    process.stderr.write(`ferry run: terminating on signal ${sig}\n`);
+    void finish({ guest: false, reason: 'host-signal' });
+  };
+  process.on('SIGINT', onSignal);
+  process.on('SIGTERM', onSignal);
+
+  const onInput = (chunk: Buffer) => machine.serialDevice?.receive(chunk);
+  const stdinInput = options.serial.type === 'stdio' && process.stdin.isTTY === true && machine.serialDevice !== undefined;
+  if (stdinInput) process.stdin.on('data', onInput);
+
+  /** The one exit path. `info` given: a host-initiated shutdown (the guest's own already emitted SHUTDOWN). */
+  function finish(info?: ShutdownInfo): Promise<void> {
+    finishing ??= (async () => {
+      try {
+        if (info) await machine.shutdown(info);
+        await controller.shutdown().catch(() => undefined);
+        await flushClients(server);
+        await server.close();
+      } finally {
+        process.off('SIGINT', onSignal);
+        process.off('SIGTERM', onSignal);
+        if (stdinInput) {
+          process.stdin.off('data', onInput);
+          process.stdin.pause();
+        }
+        machine.close();
+        setTimeout(() => process.exit(process.exitCode ?? 0), FORCE_EXIT_MS).unref();
+        resolveDone(0);
+      }
+    })();
+    return finishing;
+  }
+
+  try {
+    for (const addr of options.qmp) {
+      try {
+        await server.listen(addr);
+      } catch (err) {
+        throw new FerryError('ERR_QMP_LISTEN', `cannot serve QMP at ${formatQmpAddress(addr)}: ${(err as Error).message}`, { cause: err });
+      }
+    }
+    if (options.incoming) {
+      machine.setRunState('inmigrate');
+      if (options.incoming.type === 'uri') await controller.migrateIncoming({ uri: options.incoming.uri });
+    } else {
+      if (machine.machineType === 'pvh') machine.loadGuest(options.guest?.path, options.append);
+      if (!options.paused) await machine.cont();
+    }
+  } catch (err) {
+    await finish().catch(() => undefined);
+    if (err instanceof FerryError) throw err;
+    throw new FerryError('ERR_RUN_START', (err as Error).message, { cause: err });
+  }
+  return done;
+}
