@@ -10,7 +10,11 @@ import { countedStringInfo, type VmState, type VmStateDescription } from './vmst
 
 const has = (...names: string[]) => (s: VmState) => names.every((n) => s[n] !== undefined);
 
-/** timer/icount/* subsections: sent by QEMU only with -icount (TCG); described so they load. */
+/**
+ * timer/icount/* subsections: sent by QEMU only with -icount (TCG), never
+ * with KVM; described so such streams still load. There are no other timer
+ * or globalstate subsections in 7.2.
+ */
 const ICOUNT_WARP_TIMER: VmStateDescription = {
   name: 'timer/icount/warp_timer',
   version: 1,
@@ -35,12 +39,13 @@ const ICOUNT_TIMERS: VmStateDescription = {
 
 const ICOUNT_SHIFT: VmStateDescription = {
   name: 'timer/icount/shift',
+  // Version 1 (older QEMUs) lacks last_delta; accept both.
   version: 2,
-  minimumVersion: 2,
+  minimumVersion: 1,
   needed: has('icount_time_shift'),
   fields: [
     { name: 'icount_time_shift', type: 'int16' },
-    { name: 'last_delta', type: 'int64' },
+    { name: 'last_delta', type: 'int64', version: 2 },
   ],
 };
 
