@@ -317,7 +317,6 @@ export class Machine extends EventEmitter implements StateHost {
     return this.serialize(async () => {
       if (this.closed || this.state === 'shutdown') return;
       await this.pauseVcpus();
-      const wasRunning = this.state === 'running';
       // shutdown is reachable from running/paused/prelaunch/finish-migrate; from elsewhere force it
       try {
         this.setRunState('shutdown');
@@ -326,7 +325,7 @@ export class Machine extends EventEmitter implements StateHost {
         this.state = 'shutdown';
         this.emit('runstate', 'shutdown', prev);
       }
-      if (wasRunning) this.qmpEvent('STOP');
+      // QEMU sends no STOP on the way out (vm_shutdown stops without the event)
       this.qmpEvent('SHUTDOWN', { guest: info.guest, reason: info.reason });
       this.emit('shutdown', info);
     });
