@@ -182,7 +182,7 @@ export class MigrationController extends EventEmitter {
     });
     server.register({
       name: 'migrate-set-capabilities',
-      args: { capabilities: 'array' },
+      args: 'any',
       handler: wrap((a: unknown) => {
         const refusal = guardSetCapabilities({ source: this.source.status });
         if (refusal) throw refusal;
@@ -196,6 +196,7 @@ export class MigrationController extends EventEmitter {
     server.register({ name: 'query-migrate-capabilities', handler: () => this.options.queryCapabilities() });
     server.register({
       name: 'migrate-set-parameters',
+      args: 'any',
       handler: wrap((a: unknown) => this.options.setParameters(parseSetParametersArgs(a))),
     });
     server.register({ name: 'query-migrate-parameters', handler: () => this.options.queryParameters() });
