@@ -52,8 +52,13 @@ class Child {
     return !this.exited;
   }
 
-  /** SIGTERM, then SIGKILL if it is still there after the grace period. */
+  /**
+   * SIGTERM, then SIGKILL if it is still there after the grace period. Our pipe ends are closed
+   * too: a grandchild holding them (sh -c 'a | b') must not keep the channel open.
+   */
   kill(): void {
+    this.proc.stdin?.destroy();
+    this.proc.stdout?.destroy();
     if (!this.running) return;
     this.proc.kill('SIGTERM');
     const t = setTimeout(() => {
