@@ -383,3 +383,81 @@ describe('qmp server: listening', function () {
     await assert.rejects(new QmpServer().listen('unix:/tmp/x,wait=on'), /wait=on is not supported/);
   });
 });
+
+describe('qmp server: fuzzed input', function () {
+  function randomValue(r: () => number, depth: number): unknown {
+    const k = Math.floor(r() * (depth > 2 ? 5 : 8));
+    switch (k) {
+      case 0:
+        return Math.floor(r() * 2000) - 1000;
+      case 1:
+        return r() < 0.5 ? r() * 1e6 : ['é', '}{', '"', '\\', 'x\u0001y', ''][Math.floor(r() * 6)];
+      case 2:
+        return [true, false, null][Math.floor(r() * 3)];
+      case 3:
+        return ['abc', 'query-version', 'echo', 'pmemsave'][Math.floor(r() * 4)];
+      case 4:
+        return 2 ** 64;
+      case 5:
+        return Array.from({ length: Math.floor(r() * 4) }, () => randomValue(r, depth + 1));
+      default: {
+        const o: Record<string, unknown> = {};
+        const n = Math.floor(r() * 4);
+        for (let i = 0; i < n; i++) o[['val', 'size', 'filename', 'x', 'cpu-index', 'id'][Math.floor(r() * 6)]] = randomValue(r, depth + 1);
+        return o;
+      }
+    }
+  }
+
+  function randomMessage(r: () => number, i: number): unknown {
+    if (r() < 0.15) return randomValue(r, 0);
+    const msg: Record<string, unknown> = {};
+    const cmds = ['echo', 'pmemsave', 'query-version', 'nosuch', 'qmp_capabilities', 'fail-plain', 'getfd', 'closefd', 'memsave', 'migrate-set-capabilities'];
+    if (r() < 0.95) msg[r() < 0.05 ? 'exec-oob' : 'execute'] = r() < 0.9 ? cmds[Math.floor(r() * cmds.length)] : randomValue(r, 0);
+    if (r() < 0.7) msg.arguments = r() < 0.9 ? randomValue(r, 1) : [1];
+    msg.id = i;
+    if (r() < 0.05) msg.extra = 1;
+    return msg;
+  }
+
+  it('answers every value exactly once, in order, whatever arrives', async function () {
+    const dir = tmpDir('ferry-qmpfz-');
+    const server = new QmpServer();
+    addServerCommands(server, []);
+    const addr = await server.listen(`unix:${path.join(dir, 'f.sock')}`);
+    try {
+      for (const seed of [1, 2, 3]) {
+        const r = rng(seed);
+        const c = await RawConn.negotiated(addr);
+        const n = 400;
+        let text = '';
+        const ids: { id?: unknown }[] = [];
+        for (let i = 0; i < n; i++) {
+          const m = randomMessage(r, i);
+          const isObj = typeof m === 'object' && m !== null && !Array.isArray(m);
+          ids.push(isObj && 'id' in m ? { id: (m as { id: unknown }).id } : {});
+          text += JSON.stringify(m) + [' ', '\n', '\r\n', '\t'][Math.floor(r() * 4)];
+        }
+        const bytes = Buffer.from(text);
+        for (let off = 0; off < bytes.length; ) {
+          const len = 1 + Math.floor(r() * 300);
+          c.send(bytes.subarray(off, off + len));
+          off += len;
+          if (r() < 0.2) await sleep(0);
+        }
+        for (let i = 0; i < n; i++) {
+          const reply = await c.next(10000);
+          assert.ok('return' in reply || 'error' in reply, JSON.stringify(reply));
+          if ('id' in ids[i]) assert.deepEqual(reply.id, JSON.parse(JSON.stringify(ids[i].id)), `reply ${i} in order`);
+          else assert.equal('id' in reply, false, `reply ${i} has no id`);
+        }
+        // Nothing more, and the connection still works.
+        assert.deepEqual(await c.cmd({ execute: 'echo', id: 'end' }), { return: {}, id: 'end' });
+        c.destroy();
+      }
+    } finally {
+      await server.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
+  });
+});
