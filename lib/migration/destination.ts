@@ -102,6 +102,8 @@ export class IncomingMigration extends EventEmitter {
         case 'section': {
           if (item.idstr === 'ram') {
             if (item.type === SectionType.FULL) throw new StreamError(`section 'ram' sent as FULL (expected START/PART/END)`, item.position);
+            // QEMU registers one 'ram' handler, instance 0: any other instance is unknown.
+            if (item.instanceId !== 0) throw new StreamError(`unknown savevm section or instance 'ram' ${item.instanceId}`, item.position);
             if (item.version !== 4 && (item.type === SectionType.START)) {
               throw new StreamError(`section 'ram' version ${item.version} (this machine loads version 4)`, item.position);
             }
