@@ -2,8 +2,8 @@
  * A small diagnostic peer for the transports (also used by the integration tests to put the
  * other end in a separate process):
  *
- *   node dist/lib/transport/tool.js send URI --bytes N [--seed S] [--listen] [--fd NAME=N]
- *   node dist/lib/transport/tool.js recv URI [--connect] [--fd NAME=N]
+ *   node dist/lib/transport/tool.js send URI --bytes N [--seed S] [--raw] [--listen] [--fd NAME=N]
+ *   node dist/lib/transport/tool.js recv URI [--raw] [--connect] [--fd NAME=N]
  *
  * `send` writes N pseudo-random bytes (AES-CTR keystream of the seed, so both sides can
  * regenerate it) with backpressure; `recv` reads to EOF. By default send connects and recv
@@ -11,6 +11,7 @@
  * "PONG\n" on the return path when it starts and "SHA <hex>\n" after EOF, and the sender reports
  * what it read back. Each side prints JSON lines on stdout: {"event":"listening","uri":...} and
  * {"event":"done",...} (or {"event":"error",...} with exit status 1).
+ * --raw measures the transport alone: the sender repeats one 1 MiB buffer, nobody hashes.
  */
 import crypto from 'node:crypto';
 import type { Readable, Writable } from 'node:stream';
@@ -105,12 +106,35 @@ export function collectText(stream: Readable): Promise<string> {
   });
 }
 
+/** Sends `bytes` bytes by repeating one buffer (no generation or hashing cost). */
+export async function sendRaw(stream: Writable, bytes: number): Promise<null> {
+  const buf = new PatternSource('raw').next(CHUNK);
+  for (let sent = 0; sent < bytes; ) {
+    const n = Math.min(CHUNK, bytes - sent);
+    await writeWithBackpressure(stream, n === CHUNK ? buf : buf.subarray(0, n));
+    sent += n;
+  }
+  return null;
+}
+
+/** Counts a stream's bytes to its end. */
+export function countAll(stream: Readable): Promise<{ bytes: number; sha256: null }> {
+  return new Promise((resolve, reject) => {
+    let bytes = 0;
+    stream.on('data', (c: Buffer) => (bytes += c.length));
+    stream.once('end', () => resolve({ bytes, sha256: null }));
+    stream.once('error', reject);
+    stream.once('close', () => reject(new Error(`stream closed before its end after ${bytes} bytes`)));
+  });
+}
+
 interface Args {
   mode: 'send' | 'recv';
   uri: string;
   bytes: number;
   seed: string;
   swap: boolean;
+  raw: boolean;
   fds: Map<string, number>;
 }
 
@@ -119,12 +143,13 @@ function parseArgs(argv: string[]): Args {
   if ((mode !== 'send' && mode !== 'recv') || !uri) {
     throw new Error('usage: tool.js send|recv URI [--bytes N] [--seed S] [--listen|--connect] [--fd NAME=N]');
   }
-  const a: Args = { mode, uri, bytes: 0, seed: 'ferry', swap: false, fds: new Map() };
+  const a: Args = { mode, uri, bytes: 0, seed: 'ferry', swap: false, raw: false, fds: new Map() };
   for (let i = 0; i < rest.length; i++) {
     const k = rest[i];
     if (k === '--bytes') a.bytes = Number(rest[++i]);
     else if (k === '--seed') a.seed = String(rest[++i]);
     else if (k === '--listen' || k === '--connect') a.swap = true;
+    else if (k === '--raw') a.raw = true;
     else if (k === '--fd') {
       const [name, n] = String(rest[++i]).split('=');
       a.fds.set(name!, Number(n));
@@ -156,7 +181,7 @@ async function main(): Promise<void> {
     const w = ch.stream as Writable;
     const rp = ch.returnPath as Readable | undefined;
     const rpText = rp ? collectText(rp) : Promise.resolve(undefined);
-    const sha256 = await sendPattern(w, a.bytes, a.seed);
+    const sha256 = a.raw ? await sendRaw(w, a.bytes) : await sendPattern(w, a.bytes, a.seed);
     await ch.finish();
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
     const returned = await rpText;
@@ -166,7 +191,7 @@ async function main(): Promise<void> {
     const r = ch.stream as Readable;
     const rp = ch.returnPath as Writable | undefined;
     if (rp) rp.write('PONG\n');
-    const got = await receiveAll(r);
+    const got = a.raw ? await countAll(r) : await receiveAll(r);
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
     if (rp) rp.write(`SHA ${got.sha256}\n`);
     await ch.finish();
