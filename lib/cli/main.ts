@@ -4,6 +4,8 @@
  *
  *   ferry run [options]   run a guest, serve QMP, optionally receive a migration
  *   ferry guests          list the built-in guests
+ *   ferry migrate         drive a migration over QMP with progress and a summary
+ *   ferry demo            the README's main job: a live migration of memwriter
  *
  * Exit codes: 0 success, 1 runtime failure, 2 usage error (bad option or
  * value, unknown command). `run` words go through parseRunOptions (QEMU
@@ -13,6 +15,7 @@ import { Command, CommanderError } from 'commander';
 import { errorMessage } from '../errors';
 import type * as RunModule from './run';
 import { createGuestsCommand } from './guests-cmd';
+import { createDemoCommand, createMigrateCommand } from './migrate-cmd';
 import { CliHelpRequested, CliUsageError, createRunCommand, parseRunOptions } from './run-options';
 
 export const VERSION = '0.1.0';
@@ -28,7 +31,7 @@ const defaultIo: CliIo = {
 };
 
 /** The top-level program (commands listed for --help; `run` is parsed by parseRunOptions). */
-export function createProgram(io: CliIo = defaultIo): Command {
+export function createProgram(io: CliIo = defaultIo, setExit: (code: number) => void = () => undefined): Command {
   const program = new Command('ferry')
     .description("live migration of KVM guests, speaking QEMU's migration stream and QMP")
     .version(VERSION, '-V, --version', 'print the version')
@@ -38,6 +41,10 @@ export function createProgram(io: CliIo = defaultIo): Command {
     .exitOverride();
   program.addCommand(createRunCommand());
   program.addCommand(createGuestsCommand(io.out));
+  program.addCommand(createMigrateCommand(setExit));
+  program.addCommand(createDemoCommand(setExit));
+  // addCommand() does not pass these on: usage errors must reach main() (exit 2), not process.exit.
+  for (const sub of program.commands) sub.exitOverride().configureOutput({ writeOut: io.out, writeErr: io.err, outputError: () => {} });
   program.addHelpText('after', "\nRun 'ferry <command> --help' for a command's options.");
   return program;
 }
@@ -72,10 +79,11 @@ export async function main(argv: string[] = process.argv.slice(2), io: CliIo = d
     }
   }
 
-  const program = createProgram(io);
+  let exitCode = 0;
+  const program = createProgram(io, (code) => (exitCode = code));
   try {
     await program.parseAsync(argv, { from: 'user' });
-    return 0;
+    return exitCode;
   } catch (e) {
     if (e instanceof CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return 0;

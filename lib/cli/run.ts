@@ -80,6 +80,13 @@ export async function runMachine(options: RunOptions): Promise<number> {
   });
   controller.register(server);
 
+  // QEMU's exit-on-error (default on): a failed incoming migration ends the process with status 1.
+  controller.on('incoming-finished', (status: string) => {
+    if (status !== 'failed' || !controller.exitOnError) return;
+    process.stderr.write(`ferry run: load of migration failed: ${controller.destination.error ?? 'unknown error'}\n`);
+    process.exitCode = 1;
+    void finish();
+  });
   machine.on('qmp-event', (name: string, data?: Record<string, unknown>) => server.emitEvent(name, data));
   machine.on('guest-error', (msg: string) => process.stderr.write(`ferry run: ${msg}\n`));
   machine.on('shutdown', () => void finish());
@@ -112,7 +119,7 @@ export async function runMachine(options: RunOptions): Promise<number> {
         }
         machine.close();
         setTimeout(() => process.exit(process.exitCode ?? 0), FORCE_EXIT_MS).unref();
-        resolveDone(0);
+        resolveDone(typeof process.exitCode === "number" ? process.exitCode : 0);
       }
     })();
     return finishing;

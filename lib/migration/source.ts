@@ -139,6 +139,7 @@ export class OutgoingMigration extends EventEmitter {
 
     m.dirtyLogStart();
     sender.markAllDirty();
+    this.stats.setRemainingPages(sender.dirtyPages);
     w.sectionStart(SectionType.START, RAM_SECTION, 'ram', 0, 4);
     const before = w.totalBytes;
     sender.writeSetup();
