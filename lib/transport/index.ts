@@ -130,7 +130,10 @@ export async function listenIncoming(addr: MigrationAddress | string, opts: Tran
       if (signal) {
         const onAbort = () => l.abort(abortError(uri, 'accept', signal));
         if (signal.aborted) onAbort();
-        else signal.addEventListener('abort', onAbort, { once: true });
+        else {
+          signal.addEventListener('abort', onAbort, { once: true });
+          l.onClose(() => signal.removeEventListener('abort', onAbort));
+        }
       }
       return l;
     }

@@ -167,6 +167,7 @@ export class SocketListener implements IncomingListener {
   private closing: Promise<void> | undefined;
   private unixInode: number | undefined;
   private readonly uri: string;
+  private readonly closeHooks: Array<() => void> = [];
 
   constructor(
     private readonly server: net.Server,
@@ -189,6 +190,12 @@ export class SocketListener implements IncomingListener {
 
   describe(): string {
     return `listening on ${this.uri}`;
+  }
+
+  /** Runs `fn` once when the listener closes (used to drop an AbortSignal listener). */
+  onClose(fn: () => void): void {
+    if (this.closing) fn();
+    else this.closeHooks.push(fn);
   }
 
   private onConnection(socket: net.Socket): void {
@@ -240,6 +247,7 @@ export class SocketListener implements IncomingListener {
 
   close(reason?: Error): Promise<void> {
     this.closing ??= (async () => {
+      for (const fn of this.closeHooks.splice(0)) fn();
       this.fail(reason ?? new MigrationTransportError(this.uri, 'accept', 'listener closed'));
       for (const ch of this.queue.splice(0)) ch.destroy();
       // Not waiting for server.close()'s callback: it fires only once every accepted connection
