@@ -515,3 +515,45 @@ describe('transport: exec (in process)', function () {
     await deadline(out.onceClosed, 5000, 'child killed');
   });
 });
+
+describe('transport: resources', function () {
+  this.timeout(60_000);
+
+  const openFds = () => fs.readdirSync('/proc/self/fd').length;
+
+  it('leaks no fds across connect/accept/close cycles of every transport', async () => {
+    const cycle = async () => {
+      const sock = path.join(tmp, 'leak.sock');
+      for (const uri of ['tcp:127.0.0.1:0', `unix:${sock}`]) {
+        const l = await listenIncoming(uri);
+        const [out, inc] = await Promise.all([connectOutgoing(l.address), l.accept()]);
+        await roundTrip(out, inc, 'leak', 64 * 1024);
+        await l.close();
+      }
+      const f = path.join(tmp, 'leak.bin');
+      const out = await connectOutgoing(`file:${f}`);
+      await sendPattern(out.stream, 64 * 1024, 'leak');
+      await out.close();
+      const inc = await (await listenIncoming(`file:${f}`)).accept();
+      await receiveAll(inc.stream);
+      await inc.close();
+      const eo = await connectOutgoing('exec:cat > /dev/null');
+      await sendPattern(eo.stream, 64 * 1024, 'leak');
+      await eo.close();
+      const ei = await (await listenIncoming(`exec:cat '${f}'`)).accept();
+      await receiveAll(ei.stream);
+      await ei.close();
+      // Failures release what they opened too.
+      await connectOutgoing(`unix:${path.join(tmp, 'none.sock')}`).catch(() => undefined);
+      await listenIncoming(`file:${path.join(tmp, 'none.bin')}`).catch(() => undefined);
+      // Unused single-channel listeners close their source.
+      await (await listenIncoming(`file:${f}`)).close();
+    };
+    await cycle(); // warm-up: lazily created fds (epoll, signalfd for children, ...)
+    await new Promise((r) => setTimeout(r, 50));
+    const before = openFds();
+    for (let i = 0; i < 5; i++) await cycle();
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(openFds(), before);
+  });
+});
