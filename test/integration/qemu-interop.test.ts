@@ -1,0 +1,323 @@
+/**
+ * Live migration between ferry and QEMU 7.2 for the RAM-only profile both
+ * share: `-M none` (configuration name 'none', no vCPU, one RAM block, the
+ * devices timer and globalstate), with RAM either anonymous (block 'ram') or
+ * in a shared file (block 'mem0', QEMU's memory-backend-file share=on).
+ *
+ * Each direction over tcp and through an exec: stream file; RAM must be
+ * byte-identical on both sides afterwards (pmemsave on each, and the
+ * destination's backing file), and the run states on both sides must follow
+ * QEMU's rules (checked against QEMU -> QEMU as the reference).
+ */
+import assert from 'node:assert/strict';
+import fs from 'node:fs';
+
+import type { QmpClient } from '../../lib/qmp/client';
+import {
+  HAVE_KVM,
+  TempDir,
+  connectQmp,
+  processesMatching,
+  quitFerry,
+  spawnFerryRun,
+  waitFor,
+  type Proc,
+} from './helpers/ferry';
+import {
+  HAVE_QEMU,
+  freePort,
+  qemuMemFileArgs,
+  qemuNoneArgs,
+  startQemu,
+  stopQemu,
+  waitMigrationEnd,
+  writeRandomImage,
+  type MigrateInfo,
+  type QemuHandle,
+} from './helpers/qemu';
+
+const MiB = 1 << 20;
+const SIZE_MIB = 64;
+const SIZE = SIZE_MIB * MiB;
+/** Run-state scenarios only need a stream, not much RAM. */
+const SMALL_MIB = 8;
+const MAX_BANDWIDTH = 107374182400;
+
+const why = !HAVE_KVM ? ' (skipped: /dev/kvm missing)' : !HAVE_QEMU ? ' (skipped: qemu-system-x86_64 missing)' : '';
+
+interface FerryHandle {
+  proc: Proc;
+  qmp: QmpClient;
+}
+
+interface Status {
+  status: string;
+  running: boolean;
+}
+
+describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
+  this.timeout(60_000);
+  let dir: TempDir;
+  let qemus: QemuHandle[] = [];
+  let ferries: FerryHandle[] = [];
+  const leftovers: string[] = [];
+
+  before(function () {
+    if (!HAVE_KVM || !HAVE_QEMU) this.skip();
+  });
+
+  beforeEach(() => {
+    dir = new TempDir('ferry-qemu-interop-');
+  });
+
+  afterEach(async () => {
+    await Promise.all([...ferries.map((f) => quitFerry(f.proc, f.qmp, 5000).catch(() => undefined)), ...qemus.map((q) => stopQemu(q))]);
+    qemus = [];
+    ferries = [];
+    if (dir) {
+      // Anything still running with our temp dir on its command line (QEMU, ferry, exec's cat) is a leak.
+      for (const pid of processesMatching(dir.path)) {
+        leftovers.push(`${pid}: ${fs.readFileSync(`/proc/${pid}/cmdline`, 'utf8').replace(/\0/g, ' ')}`);
+        try {
+          process.kill(pid, 'SIGKILL');
+        } catch {
+          /* gone meanwhile */
+        }
+      }
+      dir.cleanup();
+    }
+  });
+
+  // ---- helpers -----------------------------------------------------------------------------
+
+  async function qemu(name: string, args: string[]): Promise<QemuHandle> {
+    const h = await startQemu(dir, name, args);
+    qemus.push(h);
+    return h;
+  }
+
+  async function ferry(name: string, args: string[]): Promise<FerryHandle> {
+    const qmpPath = dir.file(`${name}.qmp`);
+    const proc = spawnFerryRun(['--machine', 'none', ...args, '--qmp', `unix:${qmpPath}`], name);
+    const h: FerryHandle = { proc, qmp: undefined as unknown as QmpClient };
+    ferries.push(h);
+    h.qmp = await connectQmp(`unix:${qmpPath}`, 20_000, proc);
+    return h;
+  }
+
+  /** ferry answers QMP before its -incoming listener is up: wait for the destination's 'setup'. */
+  async function ferryListening(f: FerryHandle): Promise<void> {
+    await waitFor('ferry destination in setup', 10_000, async () => (await f.qmp.execute<MigrateInfo>('query-migrate')).status === 'setup', () => f.proc.tail());
+  }
+
+  async function status(q: QmpClient): Promise<Status> {
+    const s = await q.execute<Status>('query-status');
+    return { status: s.status, running: s.running };
+  }
+
+  async function migrate(q: QmpClient, uri: string): Promise<void> {
+    await q.execute('migrate-set-parameters', { 'max-bandwidth': MAX_BANDWIDTH });
+    await q.execute('migrate', { uri });
+  }
+
+  /** pmemsave of [0, size) into DIR/NAME; returns the file's content. */
+  async function pmem(q: QmpClient, name: string, size: number): Promise<Buffer> {
+    const file = dir.file(name);
+    await q.execute('pmemsave', { val: 0, size, filename: file });
+    return fs.readFileSync(file);
+  }
+
+  function assertSameBytes(actual: Buffer, expected: Buffer, what: string): void {
+    assert.equal(actual.length, expected.length, `${what}: length`);
+    if (actual.equals(expected)) return;
+    let i = 0;
+    while (actual[i] === expected[i]) i++;
+    assert.fail(`${what}: first difference at offset 0x${i.toString(16)} (page ${Math.floor(i / 4096)})`);
+  }
+
+  function assertCompleted(info: MigrateInfo, who: string, proc: Proc): void {
+    assert.equal(info.status, 'completed', `${who}: ${JSON.stringify(info)}\n${proc.tail()}`);
+  }
+
+  // ---- QEMU -> ferry over tcp --------------------------------------------------------------
+
+  it('QEMU -> ferry over tcp, RAM in a shared file (block mem0): RAM identical, run states running / postmigrate', async () => {
+    const imgA = dir.file('A.img');
+    const imgB = dir.file('B.img');
+    const content = writeRandomImage(imgA, SIZE);
+    const src = await qemu('qemu-src', qemuMemFileArgs(SIZE_MIB, imgA));
+    const port = await freePort();
+    const dst = await ferry('ferry-dst', ['--memory', `${SIZE_MIB}M`, '--mem-path', imgB, '--incoming', `tcp:127.0.0.1:${port}`]);
+    await ferryListening(dst);
+    assert.deepEqual(await status(src.qmp), { status: 'running', running: true }, 'QEMU -M none without -S runs');
+    assert.deepEqual(await status(dst.qmp), { status: 'inmigrate', running: false });
+
+    await migrate(src.qmp, `tcp:127.0.0.1:${port}`);
+    const srcInfo = await waitMigrationEnd(src.qmp, 'QEMU source', 20_000, src.proc);
+    const dstInfo = await waitMigrationEnd(dst.qmp, 'ferry destination', 20_000, dst.proc);
+    assertCompleted(srcInfo, 'QEMU source', src.proc);
+    assertCompleted(dstInfo, 'ferry destination', dst.proc);
+    assert.equal(srcInfo.ram!.total, SIZE);
+    assert.ok(srcInfo.ram!.normal > 0 && srcInfo.ram!.duplicate > 0, `random and zero pages sent: ${JSON.stringify(srcInfo.ram)}`);
+
+    assert.deepEqual(await status(src.qmp), { status: 'postmigrate', running: false });
+    assert.deepEqual(await status(dst.qmp), { status: 'running', running: true });
+
+    assertSameBytes(await pmem(src.qmp, 'src.pmem', SIZE), content, 'QEMU source pmemsave vs A');
+    assertSameBytes(await pmem(dst.qmp, 'dst.pmem', SIZE), content, 'ferry destination pmemsave vs A');
+    assertSameBytes(fs.readFileSync(imgB), content, "ferry's backing file B vs A");
+  });
+
+  it('QEMU -> ferry over tcp, anonymous RAM (block ram): completed, RAM identical (all zero)', async () => {
+    const src = await qemu('qemu-src', qemuNoneArgs(SIZE_MIB));
+    const port = await freePort();
+    const dst = await ferry('ferry-dst', ['--memory', `${SIZE_MIB}M`, '--incoming', `tcp:127.0.0.1:${port}`]);
+    await ferryListening(dst);
+    await migrate(src.qmp, `tcp:127.0.0.1:${port}`);
+    const srcInfo = await waitMigrationEnd(src.qmp, 'QEMU source', 20_000, src.proc);
+    const dstInfo = await waitMigrationEnd(dst.qmp, 'ferry destination', 20_000, dst.proc);
+    assertCompleted(srcInfo, 'QEMU source', src.proc);
+    assertCompleted(dstInfo, 'ferry destination', dst.proc);
+    assert.equal(srcInfo.ram!.duplicate, SIZE / 4096, 'every page is a zero page');
+    assert.deepEqual(await status(dst.qmp), { status: 'running', running: true });
+    const a = await pmem(src.qmp, 'src.pmem', SIZE);
+    assertSameBytes(a, Buffer.alloc(SIZE), 'QEMU source RAM is zero');
+    assertSameBytes(await pmem(dst.qmp, 'dst.pmem', SIZE), a, 'ferry destination vs QEMU source');
+  });
+
+  // ---- ferry -> QEMU over tcp --------------------------------------------------------------
+
+  it('ferry -> QEMU over tcp, RAM in a shared file (block mem0): RAM identical, run states postmigrate / running', async () => {
+    const imgA = dir.file('A.img');
+    const imgB = dir.file('B.img');
+    const content = writeRandomImage(imgA, SIZE);
+    const src = await ferry('ferry-src', ['--memory', `${SIZE_MIB}M`, '--mem-path', imgA]);
+    const port = await freePort();
+    const dst = await qemu('qemu-dst', [...qemuMemFileArgs(SIZE_MIB, imgB), '-incoming', `tcp:127.0.0.1:${port}`]);
+    assert.deepEqual(await status(src.qmp), { status: 'running', running: true }, "ferry's none machine runs like QEMU's");
+    assert.deepEqual(await status(dst.qmp), { status: 'inmigrate', running: false });
+
+    await migrate(src.qmp, `tcp:127.0.0.1:${port}`);
+    const srcInfo = await waitMigrationEnd(src.qmp, 'ferry source', 20_000, src.proc);
+    const dstInfo = await waitMigrationEnd(dst.qmp, 'QEMU destination', 20_000, dst.proc);
+    assertCompleted(srcInfo, 'ferry source', src.proc);
+    assertCompleted(dstInfo, 'QEMU destination', dst.proc);
+
+    assert.deepEqual(await status(src.qmp), { status: 'postmigrate', running: false });
+    assert.deepEqual(await status(dst.qmp), { status: 'running', running: true });
+
+    assertSameBytes(await pmem(src.qmp, 'src.pmem', SIZE), content, 'ferry source pmemsave vs A');
+    assertSameBytes(await pmem(dst.qmp, 'dst.pmem', SIZE), content, 'QEMU destination pmemsave vs A');
+    assertSameBytes(fs.readFileSync(imgB), content, "QEMU's backing file B vs A");
+  });
+
+  it('ferry -> QEMU over tcp, anonymous RAM (block ram): completed, RAM identical (all zero)', async () => {
+    const src = await ferry('ferry-src', ['--memory', `${SIZE_MIB}M`]);
+    const port = await freePort();
+    const dst = await qemu('qemu-dst', [...qemuNoneArgs(SIZE_MIB), '-incoming', `tcp:127.0.0.1:${port}`]);
+    await migrate(src.qmp, `tcp:127.0.0.1:${port}`);
+    assertCompleted(await waitMigrationEnd(src.qmp, 'ferry source', 20_000, src.proc), 'ferry source', src.proc);
+    assertCompleted(await waitMigrationEnd(dst.qmp, 'QEMU destination', 20_000, dst.proc), 'QEMU destination', dst.proc);
+    assert.deepEqual(await status(dst.qmp), { status: 'running', running: true });
+    const a = await pmem(src.qmp, 'src.pmem', SIZE);
+    assertSameBytes(a, Buffer.alloc(SIZE), 'ferry source RAM is zero');
+    assertSameBytes(await pmem(dst.qmp, 'dst.pmem', SIZE), a, 'QEMU destination vs ferry source');
+  });
+
+  // ---- exec: streams -----------------------------------------------------------------------
+
+  it('exec: a stream ferry writes (exec:cat > F) is loaded by QEMU -incoming "exec:cat F"', async () => {
+    const imgA = dir.file('A.img');
+    const imgB = dir.file('B.img');
+    const stream = dir.file('ferry.stream');
+    const content = writeRandomImage(imgA, SIZE);
+    const src = await ferry('ferry-src', ['--memory', `${SIZE_MIB}M`, '--mem-path', imgA]);
+    await migrate(src.qmp, `exec:cat > ${stream}`);
+    assertCompleted(await waitMigrationEnd(src.qmp, 'ferry source', 20_000, src.proc), 'ferry source', src.proc);
+    assert.equal(fs.readFileSync(stream).readUInt32BE(0), 0x5145564d, 'stream starts with QEVM');
+
+    const dst = await qemu('qemu-dst', [...qemuMemFileArgs(SIZE_MIB, imgB), '-incoming', `exec:cat ${stream}`]);
+    assertCompleted(await waitMigrationEnd(dst.qmp, 'QEMU destination', 20_000, dst.proc), 'QEMU destination', dst.proc);
+    assert.deepEqual(await status(dst.qmp), { status: 'running', running: true });
+    assertSameBytes(await pmem(dst.qmp, 'dst.pmem', SIZE), content, 'QEMU destination pmemsave vs A');
+    assertSameBytes(fs.readFileSync(imgB), content, "QEMU's backing file B vs A");
+  });
+
+  it('exec: a stream QEMU writes (exec:cat > F) is loaded by ferry --incoming "exec:cat F" and by file:F', async () => {
+    const imgA = dir.file('A.img');
+    const stream = dir.file('qemu.stream');
+    const content = writeRandomImage(imgA, SIZE);
+    const src = await qemu('qemu-src', qemuMemFileArgs(SIZE_MIB, imgA));
+    await migrate(src.qmp, `exec:cat > ${stream}`);
+    assertCompleted(await waitMigrationEnd(src.qmp, 'QEMU source', 20_000, src.proc), 'QEMU source', src.proc);
+
+    for (const [name, uri] of [
+      ['exec', `exec:cat ${stream}`],
+      ['file', `file:${stream}`],
+    ] as const) {
+      const img = dir.file(`${name}.img`);
+      const dst = await ferry(`ferry-dst-${name}`, ['--memory', `${SIZE_MIB}M`, '--mem-path', img, '--incoming', uri]);
+      assertCompleted(await waitMigrationEnd(dst.qmp, `ferry destination (${uri})`, 20_000, dst.proc), `ferry destination (${uri})`, dst.proc);
+      assert.deepEqual(await status(dst.qmp), { status: 'running', running: true });
+      assertSameBytes(await pmem(dst.qmp, `${name}.pmem`, SIZE), content, `ferry destination (${uri}) pmemsave vs A`);
+      assertSameBytes(fs.readFileSync(img), content, `ferry's backing file (${uri}) vs A`);
+    }
+  });
+
+  // ---- run states --------------------------------------------------------------------------
+
+  /**
+   * Source run state before migrating, and whether the destination autostarts
+   * (-S / --paused clears it). QEMU's rule on the destination: the source's
+   * globalstate 'running' -> running if autostart else paused; any other
+   * state is adopted as it is. The source ends in postmigrate.
+   */
+  const SCENARIOS: { name: string; source: 'running' | 'stop' | 'prelaunch'; autostart: boolean }[] = [
+    { name: 'source running, destination -S', source: 'running', autostart: false },
+    { name: 'source stopped (paused)', source: 'stop', autostart: true },
+    { name: 'source never started (-S: prelaunch)', source: 'prelaunch', autostart: true },
+  ];
+
+  for (const sc of SCENARIOS) {
+    it(`run states match QEMU -> QEMU: ${sc.name}`, async () => {
+      type Engine = 'qemu' | 'ferry';
+      const pairs: [Engine, Engine][] = [
+        ['qemu', 'qemu'],
+        ['qemu', 'ferry'],
+        ['ferry', 'qemu'],
+      ];
+      const results: Record<string, { src: Status; dst: Status; srcBefore: Status }> = {};
+      for (const [se, de] of pairs) {
+        const tag = `${se}-${de}`;
+        const stream = dir.file(`${tag}.stream`);
+        let src: { qmp: QmpClient; proc: Proc };
+        if (se === 'qemu') src = await qemu(`${tag}-src`, [...qemuNoneArgs(SMALL_MIB), ...(sc.source === 'prelaunch' ? ['-S'] : [])]);
+        else src = await ferry(`${tag}-src`, ['--memory', `${SMALL_MIB}M`, ...(sc.source === 'prelaunch' ? ['--paused'] : [])]);
+        if (sc.source === 'stop') await src.qmp.execute('stop');
+        const srcBefore = await status(src.qmp);
+        await migrate(src.qmp, `exec:cat > ${stream}`);
+        assertCompleted(await waitMigrationEnd(src.qmp, `${tag} source`, 10_000, src.proc), `${tag} source`, src.proc);
+        const srcAfter = await status(src.qmp);
+
+        const incoming = `exec:cat ${stream}`;
+        let dst: { qmp: QmpClient; proc: Proc };
+        if (de === 'qemu') dst = await qemu(`${tag}-dst`, [...qemuNoneArgs(SMALL_MIB), ...(sc.autostart ? [] : ['-S']), '-incoming', incoming]);
+        else dst = await ferry(`${tag}-dst`, ['--memory', `${SMALL_MIB}M`, ...(sc.autostart ? [] : ['--paused']), '--incoming', incoming]);
+        assertCompleted(await waitMigrationEnd(dst.qmp, `${tag} destination`, 10_000, dst.proc), `${tag} destination`, dst.proc);
+        results[tag] = { srcBefore, src: srcAfter, dst: await status(dst.qmp) };
+      }
+      const ref = results['qemu-qemu']!;
+      // The reference itself, so a change in QEMU's behaviour shows up here first.
+      const expectedBefore = { running: 'running', stop: 'paused', prelaunch: 'prelaunch' }[sc.source];
+      assert.equal(ref.srcBefore.status, expectedBefore);
+      assert.equal(ref.src.status, 'postmigrate');
+      for (const tag of ['qemu-ferry', 'ferry-qemu']) {
+        assert.deepEqual(results[tag], ref, `${tag} vs qemu-qemu: ${JSON.stringify(results)}`);
+      }
+    });
+  }
+
+  it('leaves no QEMU, ferry or exec child process behind', () => {
+    assert.deepEqual(leftovers, []);
+  });
+});
