@@ -15,7 +15,7 @@ import { EventEmitter } from 'node:events';
 import type { IncomingChannel } from '../transport/types';
 import { MIG_CMD, SectionType } from '../stream/constants';
 import { GLOBALSTATE_VMSD, TIMER_VMSD, runstateOf } from '../stream/devices';
-import { StreamError } from '../stream/errors';
+import { StreamError, printable } from '../stream/errors';
 import { StreamReader } from '../stream/reader';
 import { SectionParser, type StreamItem } from '../stream/sections';
 import { loadVmState, type VmStateDescription } from '../stream/vmstate';
@@ -101,11 +101,11 @@ export class IncomingMigration extends EventEmitter {
           break;
         case 'section': {
           if (item.idstr === 'ram') {
-            if (item.type === SectionType.FULL) throw new StreamError(`section 'ram' sent as FULL (expected START/PART/END)`, item.position);
+            if (item.type === SectionType.FULL) throw streamError(`section 'ram' sent as FULL (expected START/PART/END)`, item.position);
             // QEMU registers one 'ram' handler, instance 0: any other instance is unknown.
-            if (item.instanceId !== 0) throw new StreamError(`unknown savevm section or instance 'ram' ${item.instanceId}`, item.position);
+            if (item.instanceId !== 0) throw streamError(`unknown savevm section or instance 'ram' ${item.instanceId}`, item.position);
             if (item.version !== 4 && (item.type === SectionType.START)) {
-              throw new StreamError(`section 'ram' version ${item.version} (this machine loads version 4)`, item.position);
+              throw streamError(`section 'ram' version ${item.version} (this machine loads version 4)`, item.position);
             }
             await ram.loadSection();
             if (item.type === SectionType.END) sawRamEnd = true;
@@ -113,12 +113,12 @@ export class IncomingMigration extends EventEmitter {
             break;
           }
           if (item.type !== SectionType.FULL) {
-            throw new StreamError(`iterative section '${item.idstr}' (instance ${item.instanceId}) is not known to this machine`, item.position);
+            throw streamError(`iterative section '${printable(item.idstr)}' (instance ${item.instanceId}) is not known to this machine`, item.position);
           }
           const vmsd = this.vmsdFor(item.idstr, item.instanceId);
-          if (!vmsd) throw new StreamError(`unknown savevm section or instance '${item.idstr}' ${item.instanceId}`, item.position);
+          if (!vmsd) throw streamError(`unknown savevm section or instance '${printable(item.idstr)}' ${item.instanceId}`, item.position);
           if (item.version > vmsd.version || item.version < (vmsd.minimumVersion ?? 1)) {
-            throw new StreamError(`section '${item.idstr}' version ${item.version} not in ${vmsd.minimumVersion ?? 1}..${vmsd.version}`, item.position);
+            throw streamError(`section '${printable(item.idstr)}' version ${item.version} not in ${vmsd.minimumVersion ?? 1}..${vmsd.version}`, item.position);
           }
           const loaded = await loadVmState(reader, vmsd, item.version);
           if (item.idstr === 'globalstate') runState = runstateOf(loaded);
@@ -134,7 +134,7 @@ export class IncomingMigration extends EventEmitter {
         break;
       }
     }
-    if (!sawRamEnd) throw new StreamError('stream ended without the final RAM section', reader.position);
+    if (!sawRamEnd) throw streamError('stream ended without the final RAM section', reader.position);
     await m.loadDevices(devices);
     await this.startGuest(runState);
   }
@@ -148,15 +148,15 @@ export class IncomingMigration extends EventEmitter {
   private command(item: Extract<StreamItem, { kind: 'command' }>, channel: IncomingChannel): void {
     switch (item.cmd) {
       case MIG_CMD.OPEN_RETURN_PATH:
-        if (!channel.returnPath) throw new StreamError(`the source asked for a return path but ${channel.describe()} has none`, item.position);
+        if (!channel.returnPath) throw streamError(`the source asked for a return path but ${channel.describe()} has none`, item.position);
         this.rp ??= new RpWriter(channel.returnPath);
         return;
       case MIG_CMD.PING:
-        if (!this.rp) throw new StreamError('PING before OPEN_RETURN_PATH', item.position);
+        if (!this.rp) throw streamError('PING before OPEN_RETURN_PATH', item.position);
         this.rp.pong(item.payload.readUInt32BE(0));
         return;
       default:
-        throw new StreamError(`command ${item.name} is not supported by this destination in precopy`, item.position);
+        throw streamError(`command ${item.name} is not supported by this destination in precopy`, item.position);
     }
   }
 
@@ -173,4 +173,9 @@ export class IncomingMigration extends EventEmitter {
       m.setRunState(received as RunState);
     }
   }
+}
+
+/** A StreamError whose message names the byte where the offending item starts, as lib/stream's do. */
+function streamError(message: string, position: number): StreamError {
+  return new StreamError(`${message} at byte ${position}`, position);
 }

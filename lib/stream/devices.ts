@@ -5,7 +5,7 @@
  * migration/global_state.c (vmstate_globalstate) and migration/savevm.c
  * (vmstate_configuration) and against a stream captured from QEMU 7.2.
  */
-import { StreamError } from './errors';
+import { StreamError, printable } from './errors';
 import { countedStringInfo, type VmState, type VmStateDescription } from './vmstate';
 
 const has = (...names: string[]) => (s: VmState) => names.every((n) => s[n] !== undefined);
@@ -133,7 +133,7 @@ export const GLOBALSTATE_VMSD: VmStateDescription = {
     const nul = buf.indexOf(0);
     if (nul < 0) throw new Error('runstate is not NUL-terminated');
     const name = Buffer.from(buf.buffer, buf.byteOffset, nul).toString('latin1');
-    if (!RUN_STATES.includes(name)) throw new Error(`unknown runstate '${name.slice(0, 40)}'`);
+    if (!RUN_STATES.includes(name)) throw new Error(`unknown runstate '${printable(name, 40)}'`);
     s.runstateName = name;
   },
 };

@@ -26,3 +26,19 @@ export class StreamWriteError extends Error {
     this.code = code;
   }
 }
+
+/**
+ * Text taken from the stream (idstr, block name, machine type, a JSON
+ * parser's excerpt), made safe for an error message: bytes outside printable
+ * ASCII become \xNN and the result is cut at about `max` characters, so a
+ * corrupt stream still yields a readable one-line error.
+ */
+export function printable(text: string, max = 64): string {
+  let out = '';
+  let i = 0;
+  for (; i < text.length && out.length < max; i++) {
+    const c = text.charCodeAt(i);
+    out += c >= 0x20 && c < 0x7f && c !== 0x5c ? text[i] : c < 0x100 ? `\\x${c.toString(16).padStart(2, '0')}` : `\\u${c.toString(16).padStart(4, '0')}`;
+  }
+  return i < text.length ? `${out}...(${text.length} characters)` : out;
+}

@@ -18,6 +18,7 @@
  * the caller supplies (guest memory).
  */
 import { RAM_FLAG, RAM_FLAGS_ALL, RAM_FLAGS_MASK, TARGET_PAGE_SIZE, MAX_IDSTR_LEN } from './constants';
+import { printable } from './errors';
 import type { StreamReader } from './reader';
 import type { StreamWriter } from './writer';
 
@@ -400,20 +401,20 @@ export class RamRecordParser {
       const usedLength = await r.be64n('RAM block length');
       const entry: RamBlockEntry = { idstr, usedLength };
       let local = this.blocks.get(idstr);
-      if (!local && !this.learn) throw r.error(`unknown RAM block '${idstr}', cannot accept migration`, at);
+      if (!local && !this.learn) throw r.error(`unknown RAM block '${printable(idstr)}', cannot accept migration`, at);
       if (this.memOpts.postcopy && (local?.pageSize ?? TARGET_PAGE_SIZE) !== host) {
         entry.pageSize = await r.be64n('RAM block page size');
         if (local && entry.pageSize !== (local.pageSize ?? TARGET_PAGE_SIZE)) {
-          throw r.error(`RAM block '${idstr}': page size ${entry.pageSize} differs from local ${local.pageSize}`, at);
+          throw r.error(`RAM block '${printable(idstr)}': page size ${entry.pageSize} differs from local ${local.pageSize}`, at);
         }
       }
       if (this.memOpts.ignoreShared) entry.addr = await r.be64n('RAM block address');
-      if (usedLength % TARGET_PAGE_SIZE !== 0) throw r.error(`RAM block '${idstr}': length ${usedLength} is not page aligned`, at);
-      if (usedLength > left) throw r.error(`RAM block '${idstr}': length ${usedLength} exceeds the announced total ${total}`, at);
+      if (usedLength % TARGET_PAGE_SIZE !== 0) throw r.error(`RAM block '${printable(idstr)}': length ${usedLength} is not page aligned`, at);
+      if (usedLength > left) throw r.error(`RAM block '${printable(idstr)}': length ${usedLength} exceeds the announced total ${total}`, at);
       if (local) {
         if (local.usedLength !== usedLength) {
           if (this.learn || (local.maxLength !== undefined && usedLength <= local.maxLength)) local.usedLength = usedLength;
-          else throw r.error(`RAM block '${idstr}': length mismatch, received ${usedLength}, local ${local.usedLength}`, at);
+          else throw r.error(`RAM block '${printable(idstr)}': length mismatch, received ${usedLength}, local ${local.usedLength}`, at);
         }
       } else {
         local = { idstr, usedLength };
@@ -436,7 +437,7 @@ export class RamRecordParser {
     if (last && this.lastBlock && last.equals(nameBytes)) return this.lastBlock;
     const name = Buffer.from(nameBytes.buffer, nameBytes.byteOffset, nameBytes.byteLength).toString('latin1');
     const b = this.blocks.get(name);
-    if (!b) throw this.reader.error(`RAM record for unknown block '${name}'`, position);
+    if (!b) throw this.reader.error(`RAM record for unknown block '${printable(name)}'`, position);
     this.lastBlock = b;
     this.lastName = Buffer.from(nameBytes);
     return b;

@@ -23,7 +23,7 @@ import {
   sectionTypeName,
 } from './constants';
 import { CONFIGURATION_VMSD, MAX_CONFIG_CAPABILITIES } from './devices';
-import { StreamError } from './errors';
+import { StreamError, printable } from './errors';
 import { StreamReader } from './reader';
 import { loadVmState, parseVmdesc, type Vmdesc } from './vmstate';
 import type { ConfigurationSection } from './writer';
@@ -211,7 +211,7 @@ export class SectionParser implements AsyncIterable<StreamItem> {
     }
     if (s.uuid instanceof Uint8Array) config.uuid = s.uuid;
     if (this.opts.expectMachine !== undefined && config.machine !== this.opts.expectMachine) {
-      throw r.error(`machine type received is '${config.machine}' and local is '${this.opts.expectMachine}'`, position);
+      throw r.error(`machine type received is '${printable(config.machine)}' and local is '${this.opts.expectMachine}'`, position);
     }
     this.state = 'loop';
     return { kind: 'configuration', config, position };

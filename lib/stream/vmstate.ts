@@ -27,7 +27,7 @@
  * JS arrays, structs are nested state objects.
  */
 import { SectionType } from './constants';
-import { StreamError } from './errors';
+import { StreamError, printable } from './errors';
 import type { StreamReader } from './reader';
 import { StreamWriter } from './writer';
 
@@ -439,7 +439,7 @@ async function loadSubsections(r: StreamReader, vmsd: VmStateDescription, state:
     if (!name.startsWith(vmsd.name)) return;
     const pos = r.position;
     const sub = vmsd.subsections?.find((s) => s.name === name);
-    if (!sub) throw r.error(`${vmsd.name}: unknown subsection '${name}'`, pos);
+    if (!sub) throw r.error(`${vmsd.name}: unknown subsection '${printable(name)}'`, pos);
     r.skip(2 + len);
     const version = await r.be32(`${name} version`);
     await loadVmState(r, sub, version, state);
@@ -478,7 +478,8 @@ export function parseVmdesc(json: string, position = -1): Vmdesc {
   try {
     v = JSON.parse(json);
   } catch (err) {
-    throw new StreamError(`VM description is not valid JSON: ${(err as Error).message}`, position, { cause: err });
+    // No `cause`: its raw message (bytes of the stream) would be appended to error-desc.
+    throw new StreamError(`VM description is not valid JSON: ${printable((err as Error).message, 160)}`, position);
   }
   const o = v as Vmdesc;
   if (!o || typeof o !== 'object' || !Array.isArray(o.devices)) {

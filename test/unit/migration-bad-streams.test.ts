@@ -179,6 +179,9 @@ describe('bad migration streams (destination, in-process)', function () {
   function assertClear(msg: string, ctx: string): void {
     assert.ok(msg.length >= 10, `${ctx}: error too terse: '${msg}'`);
     assert.doesNotMatch(msg, /\bNaN\b|\bundefined\b|\[object |Cannot read prop|is not a function|Maximum call stack/, `${ctx}: unclear error '${msg}'`);
+    // One readable line: names from the stream are escaped and cut.
+    assert.doesNotMatch(msg, /[^\x20-\x7e]/, `${ctx}: raw bytes in error ${JSON.stringify(msg)}`);
+    assert.ok(msg.length < 300, `${ctx}: error of ${msg.length} characters`);
   }
 
   function assertCompleted(o: Outcome, ram: Buffer | undefined, ctx: string): void {
@@ -274,6 +277,7 @@ describe('bad migration streams (destination, in-process)', function () {
       { name: 'obsolete FULL page flag', make: () => withFlags(P, contPage.pos, RAM_FLAG.FULL | RAM_FLAG.CONTINUE), re: /obsolete RAM_SAVE_FLAG_FULL/ },
       { name: 'CONTINUE with no previous block', make: () => withFlags(P, namedPage.pos, RAM_FLAG.PAGE | RAM_FLAG.CONTINUE), re: /CONTINUE flag but no previous block/ },
       { name: 'unknown block name in a page record', make: () => splice(P.buf, namedPage.pos + 9, 3, ascii('rom')), re: /RAM record for unknown block 'rom'/ },
+      { name: 'block name with control bytes', make: () => splice(P.buf, namedPage.pos + 9, 3, Buffer.from([0x0a, 0x00, 0xff])), re: /RAM record for unknown block '\\x0a\\x00\\xff'/ },
       { name: 'unknown block name in MEM_SIZE', make: () => splice(P.buf, memsize.pos + 9, 3, ascii('rom')), re: /unknown RAM block 'rom', cannot accept migration/ },
       { name: 'oversized block name length in a page record', make: () => withField(P.buf, namedPage.pos + 8, 1, 255), re: /unknown block/ },
       { name: 'oversized idstr length (RAM START)', make: () => withField(P.buf, ramStart.pos + 5, 1, 255), re: /not known|unknown/ },
