@@ -90,7 +90,17 @@ export class SocketChannel {
       if (!s.destroyed && !s.readableEnded) {
         // Let the peer finish its side: closing with unread input would send a reset and could
         // cost the peer the tail of what we sent.
-        s.resume();
+        // Discard what is left. resume() does nothing while 'readable' listeners exist
+        // (paused-mode consumers), so read those dry as well.
+        if (s.listenerCount('readable') > 0) {
+          const drain = () => {
+            while (s.read() !== null);
+          };
+          s.on('readable', drain);
+          drain();
+        } else {
+          s.resume();
+        }
         await within(
           new Promise<void>((resolve) => {
             s.once('end', resolve);

@@ -3,13 +3,14 @@
  * other end in a separate process):
  *
  *   node dist/lib/transport/tool.js send URI --bytes N [--seed S] [--raw] [--listen] [--fd NAME=N]
- *   node dist/lib/transport/tool.js recv URI [--raw] [--connect] [--fd NAME=N]
+ *   node dist/lib/transport/tool.js recv URI [--rp] [--raw] [--connect] [--fd NAME=N]
  *
  * `send` writes N pseudo-random bytes (AES-CTR keystream of the seed, so both sides can
  * regenerate it) with backpressure; `recv` reads to EOF. By default send connects and recv
- * listens (as a migration does); --listen / --connect swap that. On sockets the receiver sends
- * "PONG\n" on the return path when it starts and "SHA <hex>\n" after EOF, and the sender reports
- * what it read back. Each side prints JSON lines on stdout: {"event":"listening","uri":...} and
+ * listens (as a migration does); --listen / --connect swap that. With --rp, on sockets, the
+ * receiver sends "PONG\n" on the return path when it starts and "SHA <hex>\n" after EOF; the
+ * sender always reports what it read back. (Without --rp the receiver never writes: a QEMU source
+ * that did not open a return path closes its socket with unread data, i.e. with a reset.) Each side prints JSON lines on stdout: {"event":"listening","uri":...} and
  * {"event":"done",...} (or {"event":"error",...} with exit status 1).
  * --raw measures the transport alone: the sender repeats one 1 MiB buffer, nobody hashes.
  */
@@ -135,6 +136,7 @@ interface Args {
   seed: string;
   swap: boolean;
   raw: boolean;
+  rp: boolean;
   fds: Map<string, number>;
 }
 
@@ -143,13 +145,14 @@ function parseArgs(argv: string[]): Args {
   if ((mode !== 'send' && mode !== 'recv') || !uri) {
     throw new Error('usage: tool.js send|recv URI [--bytes N] [--seed S] [--listen|--connect] [--fd NAME=N]');
   }
-  const a: Args = { mode, uri, bytes: 0, seed: 'ferry', swap: false, raw: false, fds: new Map() };
+  const a: Args = { mode, uri, bytes: 0, seed: 'ferry', swap: false, raw: false, rp: false, fds: new Map() };
   for (let i = 0; i < rest.length; i++) {
     const k = rest[i];
     if (k === '--bytes') a.bytes = Number(rest[++i]);
     else if (k === '--seed') a.seed = String(rest[++i]);
     else if (k === '--listen' || k === '--connect') a.swap = true;
     else if (k === '--raw') a.raw = true;
+    else if (k === '--rp') a.rp = true;
     else if (k === '--fd') {
       const [name, n] = String(rest[++i]).split('=');
       a.fds.set(name!, Number(n));
@@ -189,7 +192,7 @@ async function main(): Promise<void> {
     emit({ event: 'done', bytes: a.bytes, sha256, seconds, returnPath: returned });
   } else {
     const r = ch.stream as Readable;
-    const rp = ch.returnPath as Writable | undefined;
+    const rp = a.rp ? (ch.returnPath as Writable | undefined) : undefined;
     if (rp) rp.write('PONG\n');
     const got = a.raw ? await countAll(r) : await receiveAll(r);
     const seconds = Number(process.hrtime.bigint() - t0) / 1e9;

@@ -4,9 +4,10 @@
  * return path, throughput, and a peer killed mid-transfer.
  */
 import assert from 'node:assert/strict';
-import { type ChildProcess, spawn } from 'node:child_process';
+import { type ChildProcess, spawn, spawnSync } from 'node:child_process';
+import crypto from 'node:crypto';
 import fs from 'node:fs';
-import type net from 'node:net';
+import net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import readline from 'node:readline';
@@ -89,7 +90,7 @@ function mbps(bytes: number, seconds: number): string {
 
 /** Parent sends to a child that listens on `uri`; returns parent-side seconds. */
 async function sendToChild(uri: string, seed: string): Promise<number> {
-  const child = peer(['recv', uri]);
+  const child = peer(['recv', uri, '--rp']);
   const listening = await child.next('listening');
   const addr = listening['address'] as MigrationAddress;
   const out = await connectOutgoing(addr);
@@ -153,7 +154,7 @@ describe('transport: across processes', function () {
   });
 
   it('fd: a socket inherited as fd 3 carries the stream to the child and the return path back', async () => {
-    const child = peer(['recv', 'fd:3'], ['pipe']);
+    const child = peer(['recv', 'fd:3', '--rp'], ['pipe']);
     const sock = child.proc.stdio[3] as net.Socket;
     const rp = collectText(sock);
     const sha = await sendPattern(sock, SIZE, 'fd-in');
@@ -182,7 +183,7 @@ describe('transport: across processes', function () {
   it('raw throughput between processes, tcp and unix (printed; no hashing)', async () => {
     const RAW = 512 * MiB;
     for (const uri of ['tcp:127.0.0.1:0', `unix:${path.join(tmp, 'raw.sock')}`]) {
-      const recv = peer(['recv', uri, '--raw']);
+      const recv = peer(['recv', uri, '--raw', '--rp']);
       const addr = (await recv.next('listening'))['address'] as MigrationAddress;
       const send = peer(['send', formatMigrationAddress(addr), '--raw', '--bytes', String(RAW)]);
       const [s, r] = await Promise.all([send.next('done', 60_000), recv.next('done', 60_000)]);
@@ -224,5 +225,128 @@ describe('transport: across processes', function () {
     assert.equal((await child.exited).signal, 'SIGKILL');
     await inc.close();
     await l.close();
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// QEMU 7.2 on both ends, ferry's transports relaying the live stream between them.
+
+const HAVE_QEMU = spawnSync('qemu-system-x86_64', ['--version']).status === 0;
+
+/** Just enough QMP for this test: one command at a time, events skipped. */
+class MiniQmp {
+  private buf = '';
+  private readonly lines: string[] = [];
+  private wake: (() => void) | undefined;
+  private constructor(private readonly sock: net.Socket) {
+    sock.setEncoding('utf8');
+    sock.on('data', (d: string) => {
+      this.buf += d;
+      let i;
+      while ((i = this.buf.indexOf('\n')) >= 0) {
+        this.lines.push(this.buf.slice(0, i));
+        this.buf = this.buf.slice(i + 1);
+      }
+      this.wake?.();
+    });
+  }
+  static async connect(p: string): Promise<MiniQmp> {
+    for (let i = 0; ; i++) {
+      try {
+        const s = await new Promise<net.Socket>((resolve, reject) => {
+          const c = net.connect(p, () => resolve(c));
+          c.once('error', reject);
+        });
+        const q = new MiniQmp(s);
+        await q.line(); // greeting
+        await q.cmd('qmp_capabilities');
+        return q;
+      } catch (err) {
+        if (i > 100) throw err;
+        await new Promise((r) => setTimeout(r, 50));
+      }
+    }
+  }
+  private async line(): Promise<Record<string, unknown>> {
+    while (this.lines.length === 0) await new Promise<void>((r) => (this.wake = r));
+    return JSON.parse(this.lines.shift()!) as Record<string, unknown>;
+  }
+  async cmd(execute: string, args?: object): Promise<Record<string, unknown>> {
+    this.sock.write(`${JSON.stringify(args ? { execute, arguments: args } : { execute })}\n`);
+    for (;;) {
+      const m = await this.line();
+      if ('event' in m) continue;
+      if ('error' in m) throw new Error(`${execute}: ${JSON.stringify(m['error'])}`);
+      return m['return'] as Record<string, unknown>;
+    }
+  }
+  close(): void {
+    this.sock.destroy();
+  }
+}
+
+function qemuRamOnly(dir: string, name: string, extra: string[]): ChildProcess {
+  const args = [
+    '-M', 'none,memory-backend=mem0', '-m', '64M',
+    '-object', `memory-backend-file,id=mem0,size=64M,mem-path=${path.join(dir, `${name}.img`)},share=on`,
+    '-nodefaults', '-display', 'none', '-qmp', `unix:${path.join(dir, `${name}.qmp`)},server=on,wait=off`,
+    ...extra,
+  ];
+  return spawn('qemu-system-x86_64', args, { stdio: ['ignore', 'inherit', 'inherit'] });
+}
+
+describe(HAVE_QEMU ? 'transport: relaying a live QEMU 7.2 migration' : 'transport: relaying a live QEMU 7.2 migration (skipped: qemu-system-x86_64 missing)', function () {
+  this.timeout(120_000);
+  const procs: ChildProcess[] = [];
+  afterEach(() => {
+    for (const p of procs.splice(0)) if (p.exitCode === null) p.kill('SIGKILL');
+  });
+
+  it('QEMU source -> our tcp listener -> our unix connection -> QEMU destination: RAM arrives intact', async function () {
+    if (!HAVE_QEMU) this.skip();
+    const dir = fs.mkdtempSync(path.join(tmp, 'qemu-'));
+    const ram = crypto.randomBytes(64 * MiB);
+    fs.writeFileSync(path.join(dir, 'src.img'), ram);
+    const destSock = path.join(dir, 'dest-incoming.sock');
+    const dest = qemuRamOnly(dir, 'dest', ['-incoming', `unix:${destSock}`]);
+    const src = qemuRamOnly(dir, 'src', []);
+    procs.push(dest, src);
+    const destExit = new Promise<number | null>((r) => dest.once('exit', (code) => r(code)));
+    const [qs, qd] = await Promise.all([MiniQmp.connect(path.join(dir, 'src.qmp')), MiniQmp.connect(path.join(dir, 'dest.qmp'))]);
+
+    // The relay: accept QEMU's connection, connect to the waiting destination, pipe with backpressure.
+    const l = await listenIncoming('tcp:127.0.0.1:0');
+    const fromQemu = l.accept();
+    await qs.cmd('migrate-set-parameters', { 'max-bandwidth': 100 * 1024 * 1024 * 1024 });
+    await qs.cmd('migrate', { uri: formatMigrationAddress(l.address) });
+    const inc = await fromQemu;
+    const out = await connectOutgoing(`unix:${destSock}`);
+    let relayed = 0;
+    inc.stream.on('data', (c: Buffer) => (relayed += c.length));
+    inc.stream.pipe(out.stream);
+
+    let status = '';
+    for (let i = 0; i < 600 && status !== 'completed' && status !== 'failed'; i++) {
+      status = String((await qs.cmd('query-migrate'))['status']);
+      if (status !== 'completed') await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(status, 'completed');
+    let run = '';
+    for (let i = 0; i < 600; i++) {
+      run = String((await qd.cmd('query-status'))['status']);
+      if (run !== 'inmigrate') break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    assert.equal(run, 'running', 'destination loaded the stream and started');
+    assert.ok(relayed > 64 * MiB, `relayed ${relayed} bytes`);
+    const got = fs.readFileSync(path.join(dir, 'dest.img'));
+    assert.ok(got.equals(ram), 'destination RAM equals the source RAM');
+    console.log(`      relayed ${(relayed / MiB).toFixed(1)} MiB from QEMU to QEMU`);
+    await qd.cmd('quit').catch(() => undefined);
+    await qs.cmd('quit').catch(() => undefined);
+    assert.equal(await destExit, 0);
+    qs.close();
+    qd.close();
+    await Promise.all([inc.close(), out.close(), l.close()]);
   });
 });
