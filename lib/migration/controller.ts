@@ -9,7 +9,7 @@ import { QmpError } from '../qmp/protocol';
 import { listenIncoming, connectOutgoing, resolveMigrationTarget, type MigrationAddress } from '../transport';
 import type { IncomingListener } from '../transport/types';
 import { IncomingMigration } from './destination';
-import { RamStats, buildMigrationInfo, destinationSnapshot, sourceSnapshot, type MigrationInfoJson } from './info';
+import { RamStats, buildMigrationInfo, destinationSnapshot, sourceSnapshot, type MigrationInfoJson, type SocketAddressJson } from './info';
 import type { MigratableMachine } from './machine-port';
 import { MigrationOptions, parseSetCapabilitiesArgs, parseSetParametersArgs } from './options';
 import { OutgoingMigration } from './source';
@@ -140,8 +140,25 @@ export class MigrationController extends EventEmitter {
   queryMigrate(): MigrationInfoJson {
     return buildMigrationInfo({
       source: sourceSnapshot(this.source, this.stats),
-      destination: destinationSnapshot(this.destination),
+      destination: destinationSnapshot(this.destination, { socketAddress: this.listeningAddress() }),
     });
+  }
+
+  /**
+   * query-migrate's socket-address: the address an incoming tcp/unix listener
+   * is bound to (a tcp port 0 shows the port picked), as QEMU reports it from
+   * the moment it listens until the incoming migration ends.
+   */
+  private listeningAddress(): SocketAddressJson[] | undefined {
+    const a = this.listener?.address;
+    const st = this.destination.status;
+    if (!a || a.transport !== 'socket' || st === 'completed' || st === 'failed') return undefined;
+    if (a.type === 'inet') {
+      // QEMU reports the family of the bound socket (ipv4 or ipv6 true), not the URI's flags.
+      return [{ type: 'inet', host: a.host, port: a.port, ...(a.host.includes(':') ? { ipv6: true } : { ipv4: true }) }];
+    }
+    if (a.type === 'unix') return [{ type: 'unix', path: a.path, ...(a.abstract ? { abstract: true } : {}) }];
+    return undefined;
   }
 
   private target(uri: unknown, channels: unknown): MigrationAddress {

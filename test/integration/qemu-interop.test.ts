@@ -25,7 +25,6 @@ import {
 } from './helpers/ferry';
 import {
   HAVE_QEMU,
-  freePort,
   qemuMemFileArgs,
   qemuNoneArgs,
   startQemu,
@@ -105,9 +104,23 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
     return h;
   }
 
-  /** ferry answers QMP before its -incoming listener is up: wait for the destination's 'setup'. */
-  async function ferryListening(f: FerryHandle): Promise<void> {
-    await waitFor('ferry destination in setup', 10_000, async () => (await f.qmp.execute<MigrateInfo>('query-migrate')).status === 'setup', () => f.proc.tail());
+  /**
+   * The tcp port an incoming side listens on, from query-migrate's
+   * socket-address (both engines take `tcp:127.0.0.1:0` and report the port
+   * they got). ferry answers QMP before its listener is up: poll.
+   */
+  async function listeningPort(q: QmpClient, proc: Proc): Promise<number> {
+    const addr = await waitFor(
+      'socket-address in query-migrate',
+      10_000,
+      async () => (await q.execute<MigrateInfo>('query-migrate'))['socket-address'] as { type: string; host: string; port: string; ipv4?: boolean }[] | undefined,
+      () => proc.tail(),
+    );
+    assert.equal(addr.length, 1);
+    const a = addr[0]!;
+    assert.deepEqual({ type: a.type, host: a.host, ipv4: a.ipv4 }, { type: 'inet', host: '127.0.0.1', ipv4: true }, JSON.stringify(addr));
+    assert.match(a.port, /^[1-9][0-9]*$/, 'a real port, not 0');
+    return Number(a.port);
   }
 
   async function status(q: QmpClient): Promise<Status> {
@@ -146,9 +159,8 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
     const imgB = dir.file('B.img');
     const content = writeRandomImage(imgA, SIZE);
     const src = await qemu('qemu-src', qemuMemFileArgs(SIZE_MIB, imgA));
-    const port = await freePort();
-    const dst = await ferry('ferry-dst', ['--memory', `${SIZE_MIB}M`, '--mem-path', imgB, '--incoming', `tcp:127.0.0.1:${port}`]);
-    await ferryListening(dst);
+    const dst = await ferry('ferry-dst', ['--memory', `${SIZE_MIB}M`, '--mem-path', imgB, '--incoming', 'tcp:127.0.0.1:0']);
+    const port = await listeningPort(dst.qmp, dst.proc);
     assert.deepEqual(await status(src.qmp), { status: 'running', running: true }, 'QEMU -M none without -S runs');
     assert.deepEqual(await status(dst.qmp), { status: 'inmigrate', running: false });
 
@@ -157,6 +169,7 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
     const dstInfo = await waitMigrationEnd(dst.qmp, 'ferry destination', 20_000, dst.proc);
     assertCompleted(srcInfo, 'QEMU source', src.proc);
     assertCompleted(dstInfo, 'ferry destination', dst.proc);
+    assert.equal(dstInfo['socket-address'], undefined, 'no socket-address once the incoming migration ended (as QEMU)');
     assert.equal(srcInfo.ram!.total, SIZE);
     assert.ok(srcInfo.ram!.normal > 0 && srcInfo.ram!.duplicate > 0, `random and zero pages sent: ${JSON.stringify(srcInfo.ram)}`);
 
@@ -170,9 +183,8 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
 
   it('QEMU -> ferry over tcp, anonymous RAM (block ram): completed, RAM identical (all zero)', async () => {
     const src = await qemu('qemu-src', qemuNoneArgs(SIZE_MIB));
-    const port = await freePort();
-    const dst = await ferry('ferry-dst', ['--memory', `${SIZE_MIB}M`, '--incoming', `tcp:127.0.0.1:${port}`]);
-    await ferryListening(dst);
+    const dst = await ferry('ferry-dst', ['--memory', `${SIZE_MIB}M`, '--incoming', 'tcp:127.0.0.1:0']);
+    const port = await listeningPort(dst.qmp, dst.proc);
     await migrate(src.qmp, `tcp:127.0.0.1:${port}`);
     const srcInfo = await waitMigrationEnd(src.qmp, 'QEMU source', 20_000, src.proc);
     const dstInfo = await waitMigrationEnd(dst.qmp, 'ferry destination', 20_000, dst.proc);
@@ -192,8 +204,8 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
     const imgB = dir.file('B.img');
     const content = writeRandomImage(imgA, SIZE);
     const src = await ferry('ferry-src', ['--memory', `${SIZE_MIB}M`, '--mem-path', imgA]);
-    const port = await freePort();
-    const dst = await qemu('qemu-dst', [...qemuMemFileArgs(SIZE_MIB, imgB), '-incoming', `tcp:127.0.0.1:${port}`]);
+    const dst = await qemu('qemu-dst', [...qemuMemFileArgs(SIZE_MIB, imgB), '-incoming', 'tcp:127.0.0.1:0']);
+    const port = await listeningPort(dst.qmp, dst.proc);
     assert.deepEqual(await status(src.qmp), { status: 'running', running: true }, "ferry's none machine runs like QEMU's");
     assert.deepEqual(await status(dst.qmp), { status: 'inmigrate', running: false });
 
@@ -202,6 +214,7 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
     const dstInfo = await waitMigrationEnd(dst.qmp, 'QEMU destination', 20_000, dst.proc);
     assertCompleted(srcInfo, 'ferry source', src.proc);
     assertCompleted(dstInfo, 'QEMU destination', dst.proc);
+    assert.equal(dstInfo['socket-address'], undefined, 'QEMU drops socket-address once the incoming migration ended');
 
     assert.deepEqual(await status(src.qmp), { status: 'postmigrate', running: false });
     assert.deepEqual(await status(dst.qmp), { status: 'running', running: true });
@@ -213,8 +226,8 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
 
   it('ferry -> QEMU over tcp, anonymous RAM (block ram): completed, RAM identical (all zero)', async () => {
     const src = await ferry('ferry-src', ['--memory', `${SIZE_MIB}M`]);
-    const port = await freePort();
-    const dst = await qemu('qemu-dst', [...qemuNoneArgs(SIZE_MIB), '-incoming', `tcp:127.0.0.1:${port}`]);
+    const dst = await qemu('qemu-dst', [...qemuNoneArgs(SIZE_MIB), '-incoming', 'tcp:127.0.0.1:0']);
+    const port = await listeningPort(dst.qmp, dst.proc);
     await migrate(src.qmp, `tcp:127.0.0.1:${port}`);
     assertCompleted(await waitMigrationEnd(src.qmp, 'ferry source', 20_000, src.proc), 'ferry source', src.proc);
     assertCompleted(await waitMigrationEnd(dst.qmp, 'QEMU destination', 20_000, dst.proc), 'QEMU destination', dst.proc);

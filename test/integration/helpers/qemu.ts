@@ -1,13 +1,12 @@
 /**
  * Helpers for integration tests that run QEMU 7.2 next to ferry: detection,
  * spawning with a QMP socket (driven by ferry's own QmpClient, which speaks
- * to QEMU unchanged), RAM-only machine arguments, free TCP ports, random RAM
+ * to QEMU unchanged), RAM-only machine arguments, random RAM
  * images and polling query-migrate until a final status.
  */
 import { spawnSync } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import net from 'node:net';
 
 import type { QmpClient } from '../../../lib/qmp/client';
 import { Proc, connectQmp, sleep, type Exit, type TempDir } from './ferry';
@@ -61,18 +60,6 @@ export async function stopQemu(h: QemuHandle | undefined, timeoutMs = 3000): Pro
     await h.proc.kill();
     if (!h.qmp.closed) h.qmp.destroy();
   }
-}
-
-/** A TCP port free on 127.0.0.1 right now (bound to 0, then released). */
-export async function freePort(): Promise<number> {
-  const srv = net.createServer();
-  await new Promise<void>((resolve, reject) => {
-    srv.once('error', reject);
-    srv.listen(0, '127.0.0.1', () => resolve());
-  });
-  const port = (srv.address() as net.AddressInfo).port;
-  await new Promise<void>((resolve) => srv.close(() => resolve()));
-  return port;
 }
 
 /**
