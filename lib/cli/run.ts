@@ -70,6 +70,8 @@ export async function runMachine(options: RunOptions): Promise<number> {
   let resolveDone!: (code: number) => void;
   const done = new Promise<number>((r) => (resolveDone = r));
 
+  // A RAM-only machine has no vCPU thread: keep the process alive until quit, as QEMU does.
+  const keepAlive = setInterval(() => undefined, 1 << 30);
   const server = new QmpServer({ onQuit: () => finish({ guest: false, reason: 'host-qmp-quit' }) });
   registerMachineCommands(server, machine, { autostart });
   const controller = new MigrationController(new MigratableAdapter(machine), {
@@ -111,6 +113,7 @@ export async function runMachine(options: RunOptions): Promise<number> {
         await flushClients(server);
         await server.close();
       } finally {
+        clearInterval(keepAlive);
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
         if (stdinInput) {
