@@ -277,6 +277,81 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
     }
   });
 
+  // ---- return path and QMP shapes -------------------------------------------------------
+
+  it('with return-path (OPEN_RETURN_PATH, PING/PONG, SHUT) both ways; query-migrate and query-status shaped as QEMU; same page counts', async () => {
+    const img = dir.file('A.img');
+    writeRandomImage(img, SMALL_MIB * MiB);
+    const caps = { capabilities: [{ capability: 'return-path', state: true }] };
+    const keys = (o: object | undefined) => Object.keys(o ?? {}).sort();
+
+    // QEMU -> ferry
+    const fdst = await ferry('ferry-dst', ['--memory', `${SMALL_MIB}M`, '--mem-path', dir.file('B.img'), '--incoming', 'tcp:127.0.0.1:0']);
+    const fport = await listeningPort(fdst.qmp, fdst.proc);
+    const qsrc = await qemu('qemu-src', qemuMemFileArgs(SMALL_MIB, img));
+    await qsrc.qmp.execute('migrate-set-capabilities', caps);
+    await migrate(qsrc.qmp, `tcp:127.0.0.1:${fport}`);
+    const qsrcInfo = await waitMigrationEnd(qsrc.qmp, 'QEMU source', 10_000, qsrc.proc);
+    const fdstInfo = await waitMigrationEnd(fdst.qmp, 'ferry destination', 10_000, fdst.proc);
+    assertCompleted(qsrcInfo, 'QEMU source (return-path)', qsrc.proc);
+    assertCompleted(fdstInfo, 'ferry destination (return-path)', fdst.proc);
+
+    // ferry -> QEMU
+    const qdst = await qemu('qemu-dst', [...qemuMemFileArgs(SMALL_MIB, dir.file('C.img')), '-incoming', 'tcp:127.0.0.1:0']);
+    const qport = await listeningPort(qdst.qmp, qdst.proc);
+    const fsrc = await ferry('ferry-src', ['--memory', `${SMALL_MIB}M`, '--mem-path', img]);
+    await fsrc.qmp.execute('migrate-set-capabilities', caps);
+    await migrate(fsrc.qmp, `tcp:127.0.0.1:${qport}`);
+    const fsrcInfo = await waitMigrationEnd(fsrc.qmp, 'ferry source', 10_000, fsrc.proc);
+    const qdstInfo = await waitMigrationEnd(qdst.qmp, 'QEMU destination', 10_000, qdst.proc);
+    assertCompleted(fsrcInfo, 'ferry source (return-path)', fsrc.proc);
+    assertCompleted(qdstInfo, 'QEMU destination (return-path)', qdst.proc);
+
+    // Same members (QEMU 7.2's MigrationInfo / MigrationStats) on both engines.
+    assert.deepEqual(keys(fsrcInfo), keys(qsrcInfo), 'completed source query-migrate members');
+    assert.deepEqual(keys(fsrcInfo.ram), keys(qsrcInfo.ram), 'completed source ram members');
+    assert.deepEqual(fdstInfo, qdstInfo, 'completed destination query-migrate');
+    assert.deepEqual(keys(await fdst.qmp.execute('query-status')), keys(await qdst.qmp.execute('query-status')), 'query-status members');
+    // The same RAM gives the same page counts, and nearly the same byte count (section framing differs).
+    const { total, duplicate, normal } = qsrcInfo.ram!;
+    assert.deepEqual({ total, duplicate, normal }, { total: fsrcInfo.ram!.total, duplicate: fsrcInfo.ram!.duplicate, normal: fsrcInfo.ram!.normal });
+    const dt = Math.abs(fsrcInfo.ram!.transferred - qsrcInfo.ram!.transferred);
+    assert.ok(dt < 4096, `transferred ${fsrcInfo.ram!.transferred} (ferry) vs ${qsrcInfo.ram!.transferred} (QEMU)`);
+  });
+
+  it('a RAM block mismatch (mem0 vs ram) fails on both sides: the destination exits 1 naming the block, the source reports failed', async () => {
+    const img = dir.file('A.img');
+    writeRandomImage(img, SMALL_MIB * MiB);
+    const caps = { capabilities: [{ capability: 'return-path', state: true }] };
+
+    // QEMU (mem0) -> ferry (ram)
+    const fdst = await ferry('ferry-dst', ['--memory', `${SMALL_MIB}M`, '--incoming', 'tcp:127.0.0.1:0']);
+    const fport = await listeningPort(fdst.qmp, fdst.proc);
+    const qsrc = await qemu('qemu-src', qemuMemFileArgs(SMALL_MIB, img));
+    await qsrc.qmp.execute('migrate-set-capabilities', caps);
+    await migrate(qsrc.qmp, `tcp:127.0.0.1:${fport}`);
+    const qsrcInfo = await waitMigrationEnd(qsrc.qmp, 'QEMU source', 10_000, qsrc.proc);
+    assert.equal(qsrcInfo.status, 'failed', JSON.stringify(qsrcInfo));
+    assert.deepEqual(await status(qsrc.qmp), { status: 'running', running: true }, 'a failed migration leaves the QEMU source running');
+    const fexit = await fdst.proc.waitExit(10_000);
+    assert.equal(fexit.code, 1, fdst.proc.tail());
+    assert.match(fdst.proc.stderr, /mem0/, 'ferry names the unknown block');
+
+    // ferry (ram) -> QEMU (mem0)
+    const qdst = await qemu('qemu-dst', [...qemuMemFileArgs(SMALL_MIB, dir.file('C.img')), '-incoming', 'tcp:127.0.0.1:0']);
+    const qport = await listeningPort(qdst.qmp, qdst.proc);
+    const fsrc = await ferry('ferry-src', ['--memory', `${SMALL_MIB}M`]);
+    await fsrc.qmp.execute('migrate-set-capabilities', caps);
+    await migrate(fsrc.qmp, `tcp:127.0.0.1:${qport}`);
+    const fsrcInfo = await waitMigrationEnd(fsrc.qmp, 'ferry source', 10_000, fsrc.proc);
+    assert.equal(fsrcInfo.status, 'failed', JSON.stringify(fsrcInfo));
+    assert.equal(typeof fsrcInfo['error-desc'], 'string');
+    assert.deepEqual(await status(fsrc.qmp), { status: 'running', running: true }, 'a failed migration leaves the ferry source running');
+    const qexit = await qdst.proc.waitExit(10_000);
+    assert.equal(qexit.code, 1, qdst.proc.tail());
+    assert.match(qdst.proc.stderr, /ram/i, qdst.proc.tail());
+  });
+
   // ---- run states --------------------------------------------------------------------------
 
   /**
@@ -285,10 +360,10 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
    * globalstate 'running' -> running if autostart else paused; any other
    * state is adopted as it is. The source ends in postmigrate.
    */
-  const SCENARIOS: { name: string; source: 'running' | 'stop' | 'prelaunch'; autostart: boolean }[] = [
-    { name: 'source running, destination -S', source: 'running', autostart: false },
-    { name: 'source stopped (paused)', source: 'stop', autostart: true },
-    { name: 'source never started (-S: prelaunch)', source: 'prelaunch', autostart: true },
+  const SCENARIOS: { name: string; source: 'running' | 'stop' | 'prelaunch'; autostart: boolean; dst: string }[] = [
+    { name: 'source running, destination -S', source: 'running', autostart: false, dst: 'paused' },
+    { name: 'source stopped (paused)', source: 'stop', autostart: true, dst: 'paused' },
+    { name: 'source never started (-S: prelaunch)', source: 'prelaunch', autostart: true, dst: 'prelaunch' },
   ];
 
   for (const sc of SCENARIOS) {
@@ -324,6 +399,7 @@ describe(`QEMU 7.2 interop, RAM-only machine (-M none)${why}`, function () {
       const expectedBefore = { running: 'running', stop: 'paused', prelaunch: 'prelaunch' }[sc.source];
       assert.equal(ref.srcBefore.status, expectedBefore);
       assert.equal(ref.src.status, 'postmigrate');
+      assert.deepEqual(ref.dst, { status: sc.dst, running: false });
       for (const tag of ['qemu-ferry', 'ferry-qemu']) {
         assert.deepEqual(results[tag], ref, `${tag} vs qemu-qemu: ${JSON.stringify(results)}`);
       }
