@@ -446,24 +446,9 @@ export class MigrationStateMachine extends EventEmitter {
 // ---------------------------------------------------------------------------------------------
 // Command guards: pure functions the QMP layer calls before doing anything.
 
-/** QEMU's RunState names (query-status). */
-export type RunState =
-  | 'debug'
-  | 'inmigrate'
-  | 'internal-error'
-  | 'io-error'
-  | 'paused'
-  | 'postmigrate'
-  | 'prelaunch'
-  | 'finish-migrate'
-  | 'restore-vm'
-  | 'running'
-  | 'save-vm'
-  | 'shutdown'
-  | 'suspended'
-  | 'watchdog'
-  | 'guest-panicked'
-  | 'colo';
+/** QEMU's RunState names (query-status): one list, in lib/machine/runstate.ts. */
+import type { RunState } from '../machine/runstate';
+export type { RunState };
 
 /** QEMU's error texts for the refusals below (exact strings, checked against QEMU 7.2.22). */
 export const MIGRATION_ERRORS = {

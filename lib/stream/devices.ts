@@ -5,6 +5,7 @@
  * migration/global_state.c (vmstate_globalstate) and migration/savevm.c
  * (vmstate_configuration) and against a stream captured from QEMU 7.2.
  */
+import { isRunState, RUN_STATES } from '../machine/runstate';
 import { StreamError, printable } from './errors';
 import { countedStringInfo, type VmState, type VmStateDescription } from './vmstate';
 
@@ -87,25 +88,8 @@ export function timerState(cpuTicksOffset: bigint = 0n, cpuClockOffset: bigint =
   return { cpu_ticks_offset: cpuTicksOffset, cpu_clock_offset: cpuClockOffset };
 }
 
-/** QAPI RunState names QEMU 7.2 accepts in globalstate. */
-export const RUN_STATES: readonly string[] = [
-  'debug',
-  'inmigrate',
-  'internal-error',
-  'io-error',
-  'paused',
-  'postmigrate',
-  'prelaunch',
-  'finish-migrate',
-  'restore-vm',
-  'running',
-  'save-vm',
-  'shutdown',
-  'suspended',
-  'watchdog',
-  'guest-panicked',
-  'colo',
-];
+/** QAPI RunState names QEMU 7.2 accepts in globalstate (one list, kept with the run states). */
+export { RUN_STATES };
 
 const RUNSTATE_BUF = 100;
 
@@ -133,7 +117,7 @@ export const GLOBALSTATE_VMSD: VmStateDescription = {
     const nul = buf.indexOf(0);
     if (nul < 0) throw new Error('runstate is not NUL-terminated');
     const name = Buffer.from(buf.buffer, buf.byteOffset, nul).toString('latin1');
-    if (!RUN_STATES.includes(name)) throw new Error(`unknown runstate '${printable(name, 40)}'`);
+    if (!isRunState(name)) throw new Error(`unknown runstate '${printable(name, 40)}'`);
     s.runstateName = name;
   },
 };
@@ -146,7 +130,7 @@ export interface GlobalState extends VmState {
 }
 
 export function globalState(runstate: string): GlobalState {
-  if (!RUN_STATES.includes(runstate)) throw new RangeError(`unknown runstate '${runstate}'`);
+  if (!isRunState(runstate)) throw new RangeError(`unknown runstate '${runstate}'`);
   const buf = new Uint8Array(RUNSTATE_BUF);
   buf.set(Buffer.from(runstate, 'latin1'));
   return { size: runstate.length + 1, runstate: buf, runstateName: runstate };
