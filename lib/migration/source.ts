@@ -140,6 +140,9 @@ export class OutgoingMigration extends EventEmitter {
     m.dirtyLogStart();
     sender.markAllDirty();
     this.stats.setRemainingPages(sender.dirtyPages);
+    // QEMU counts the setup-time bitmap sync as pass 1 (MIGRATION_PASS before active).
+    this.stats.onSync(0);
+    this.emit('pass', this.stats.counters().dirtySyncCount);
     w.sectionStart(SectionType.START, RAM_SECTION, 'ram', 0, 4);
     const before = w.totalBytes;
     sender.writeSetup();
@@ -189,12 +192,16 @@ export class OutgoingMigration extends EventEmitter {
       sample = this.stats.bandwidthWindow({ downtimeLimitMs: this.downtimeLimit(), availSwitchoverBandwidth: this.availBandwidth() }) ?? sample;
       this.emit('progress');
 
+      // QEMU's rule: an estimate under the threshold triggers an exact count (a dirty-log sync);
+      // switch over when nothing is pending or the pending bytes fit in the downtime limit.
       const threshold = this.stats.thresholdBytes;
-      if (sender.dirtyPages * TARGET_PAGE_SIZE <= threshold || sender.dirtyPages === 0) {
-        // Pending looks small: get the exact figure from the dirty log.
+      let pending = sender.dirtyPages * TARGET_PAGE_SIZE;
+      if (pending < threshold) {
         this.sync(sender);
-        if (sender.dirtyPages * TARGET_PAGE_SIZE <= this.stats.thresholdBytes && !this.switchoverBlocked()) break;
+        pending = sender.dirtyPages * TARGET_PAGE_SIZE;
       }
+      if ((pending === 0 || pending < threshold) && !this.switchoverBlocked()) break;
+      if (sender.dirtyPages === 0) this.sync(sender); // a pass ended above the threshold: next pass
       // Yield to the event loop so QMP stays responsive between iterations.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }
