@@ -53,6 +53,8 @@ export interface GuestMemoryOptions {
   path?: string;
   /** Use memfd_create (MAP_SHARED) instead of anonymous private memory. */
   memfd?: boolean;
+  /** madvise(MADV_HUGEPAGE) on the mapping (transparent huge pages, as QEMU does for guest RAM). Advice only. */
+  hugepages?: boolean;
 }
 
 export interface KvmProbe {

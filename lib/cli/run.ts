@@ -17,12 +17,14 @@
  */
 import { FerryError } from '../errors';
 import { Machine, type ShutdownInfo } from '../machine/machine';
-import { MigratableAdapter } from '../machine/migratable';
-import { registerMachineCommands } from '../machine/qmp-commands';
 import { createSerialSink, type SerialSpec } from '../machine/serial';
-import { MigrationController } from '../migration/controller';
-import { formatQmpAddress } from '../qmp/protocol';
-import { QmpServer } from '../qmp/server';
+import type * as MigratableModule from '../machine/migratable';
+import type * as MachineCommandsModule from '../machine/qmp-commands';
+import type * as ControllerModule from '../migration/controller';
+import type { MigrationController } from '../migration/controller';
+import type * as QmpProtocolModule from '../qmp/protocol';
+import type * as QmpServerModule from '../qmp/server';
+import type { QmpServer } from '../qmp/server';
 import type { RunOptions } from './run-options';
 
 /** How long pending QMP output (the SHUTDOWN event) may take to drain at exit. */
@@ -66,30 +68,13 @@ export async function runMachine(options: RunOptions): Promise<number> {
   }
 
   const autostart = { value: !options.paused };
+  let server: QmpServer | undefined;
+  let controller: MigrationController | undefined;
   let finishing: Promise<void> | undefined;
   let resolveDone!: (code: number) => void;
   const done = new Promise<number>((r) => (resolveDone = r));
 
-  // A RAM-only machine has no vCPU thread: keep the process alive until quit, as QEMU does.
-  const keepAlive = setInterval(() => undefined, 1 << 30);
-  const server = new QmpServer({ onQuit: () => finish({ guest: false, reason: 'host-qmp-quit' }) });
-  registerMachineCommands(server, machine, { autostart });
-  const controller = new MigrationController(new MigratableAdapter(machine), {
-    get autostart() {
-      return autostart.value;
-    },
-    lookupFd: (name) => server.takeFd(name),
-  });
-  controller.register(server);
-
-  // QEMU's exit-on-error (default on): a failed incoming migration ends the process with status 1.
-  controller.on('incoming-finished', (status: string) => {
-    if (status !== 'failed' || !controller.exitOnError) return;
-    process.stderr.write(`ferry run: load of migration failed: ${controller.destination.error ?? 'unknown error'}\n`);
-    process.exitCode = 1;
-    void finish();
-  });
-  machine.on('qmp-event', (name: string, data?: Record<string, unknown>) => server.emitEvent(name, data));
+  machine.on('qmp-event', (name: string, data?: Record<string, unknown>) => server?.emitEvent(name, data));
   machine.on('guest-error', (msg: string) => process.stderr.write(`ferry run: ${msg}\n`));
   machine.on('shutdown', () => void finish());
 
@@ -109,11 +94,12 @@ export async function runMachine(options: RunOptions): Promise<number> {
     finishing ??= (async () => {
       try {
         if (info) await machine.shutdown(info);
-        await controller.shutdown().catch(() => undefined);
-        await flushClients(server);
-        await server.close();
+        await controller?.shutdown().catch(() => undefined);
+        if (server) {
+          await flushClients(server);
+          await server.close();
+        }
       } finally {
-        clearInterval(keepAlive);
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
         if (stdinInput) {
@@ -122,16 +108,42 @@ export async function runMachine(options: RunOptions): Promise<number> {
         }
         machine.close();
         setTimeout(() => process.exit(process.exitCode ?? 0), FORCE_EXIT_MS).unref();
-        resolveDone(typeof process.exitCode === "number" ? process.exitCode : 0);
+        resolveDone(0);
       }
     })();
     return finishing;
   }
 
   try {
+    // Boot first, then load and start the control plane while the guest runs
+    // its early code: the QMP and migration modules take milliseconds to load
+    // (required here, not imported at the top, for that reason).
+    const boot = !options.incoming && !options.paused;
+    if (boot) {
+      if (machine.machineType === 'pvh') machine.loadGuest(options.guest?.path, options.append);
+      await machine.cont();
+    }
+    /* eslint-disable @typescript-eslint/no-require-imports */
+    const { QmpServer: Server } = require('../qmp/server') as typeof QmpServerModule;
+    const { formatQmpAddress } = require('../qmp/protocol') as typeof QmpProtocolModule;
+    const { registerMachineCommands } = require('../machine/qmp-commands') as typeof MachineCommandsModule;
+    const { MigratableAdapter } = require('../machine/migratable') as typeof MigratableModule;
+    const { MigrationController: Controller } = require('../migration/controller') as typeof ControllerModule;
+    /* eslint-enable @typescript-eslint/no-require-imports */
+    if (finishing) return await done; // a signal or the guest ended it meanwhile
+    const srv = new Server({ onQuit: () => finish({ guest: false, reason: 'host-qmp-quit' }) });
+    server = srv;
+    registerMachineCommands(srv, machine, { autostart });
+    controller = new Controller(new MigratableAdapter(machine), {
+      get autostart() {
+        return autostart.value;
+      },
+      lookupFd: (name) => srv.takeFd(name),
+    });
+    controller.register(srv);
     for (const addr of options.qmp) {
       try {
-        await server.listen(addr);
+        await srv.listen(addr);
       } catch (err) {
         throw new FerryError('ERR_QMP_LISTEN', `cannot serve QMP at ${formatQmpAddress(addr)}: ${(err as Error).message}`, { cause: err });
       }
@@ -139,9 +151,8 @@ export async function runMachine(options: RunOptions): Promise<number> {
     if (options.incoming) {
       machine.setRunState('inmigrate');
       if (options.incoming.type === 'uri') await controller.migrateIncoming({ uri: options.incoming.uri });
-    } else {
-      if (machine.machineType === 'pvh') machine.loadGuest(options.guest?.path, options.append);
-      if (!options.paused) await machine.cont();
+    } else if (!boot && machine.machineType === 'pvh') {
+      machine.loadGuest(options.guest?.path, options.append); // --paused: loaded, waiting for cont
     }
   } catch (err) {
     await finish().catch(() => undefined);

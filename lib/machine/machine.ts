@@ -53,6 +53,7 @@ import {
   encodeRegs,
   encodeSregs,
   MISC_ENABLE_FAST_STRING,
+  KVM_APIC_TIMER_KHZ,
   MSR_IA32_MISC_ENABLE,
   vcpuCpuid,
 } from './x86';
@@ -74,6 +75,13 @@ export interface MachineConfig {
   memPath?: string;
   /** Back RAM with a memfd (MAP_SHARED) instead of private anonymous memory. */
   memfd?: boolean;
+  /**
+   * Offer CPUID leaf 0x40000010 (TSC and LAPIC timer kHz) so guests need not
+   * calibrate their clocks at boot (default true).
+   */
+  timingLeaf?: boolean;
+  /** Transparent huge pages for guest RAM (default true, as QEMU). */
+  hugepages?: boolean;
   /** Triple fault or guest reset request: 'shutdown' (QEMU -no-reboot, default) or 'reset'. */
   rebootAction?: 'shutdown' | 'reset';
   /** Use KVM_DIRTY_LOG_INITIALLY_SET when the kernel has it (default true). */
@@ -106,6 +114,8 @@ const DEBUGCON_PORTS = [0xe9, 0x402];
 export const POWER_PORT = 0x604;
 const SLP_EN = 1 << 13;
 const POST_PORT = 0x80;
+const KVM_CAP_MAX_VCPUS = 66;
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168;
 const KVM_SYSTEM_EVENT_SHUTDOWN = 1;
 const KVM_SYSTEM_EVENT_RESET = 2;
 const KVM_SYSTEM_EVENT_CRASH = 3;
@@ -119,7 +129,7 @@ export class Machine extends EventEmitter implements StateHost {
   readonly config: Readonly<MachineConfig>;
   readonly kvm: Kvm;
   readonly vm: Vm;
-  readonly probe: KvmProbe;
+  private probed: KvmProbe | undefined;
   readonly ramBlocks: RamBlock[] = [];
   readonly vcpus: Vcpu[] = [];
   readonly serialDevice: Uart16550 | undefined;
@@ -166,12 +176,13 @@ export class Machine extends EventEmitter implements StateHost {
     let vm: Vm | undefined;
     let memory: GuestMemory | undefined;
     try {
-      this.probe = this.kvm.probe();
-      if (this.cpus > this.probe.maxVcpus) throw new FerryError('ERR_MACHINE_CONFIG', `${this.cpus} vCPUs exceed KVM's limit of ${this.probe.maxVcpus}`);
+      // Two capabilities only: the full probe costs milliseconds of ioctls at every start.
+      const maxVcpus = this.kvm.checkExtension(KVM_CAP_MAX_VCPUS);
+      if (maxVcpus > 0 && this.cpus > maxVcpus) throw new FerryError('ERR_MACHINE_CONFIG', `${this.cpus} vCPUs exceed KVM's limit of ${maxVcpus}`);
       vm = this.kvm.createVm();
       this.vm = vm;
       // Manual protect before any slot exists: KVM_GET_DIRTY_LOG then no longer clears.
-      let mode = this.probe.manualDirtyLogProtect & (DIRTY_LOG_MANUAL_PROTECT_ENABLE | DIRTY_LOG_INITIALLY_SET);
+      let mode = this.kvm.checkExtension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & (DIRTY_LOG_MANUAL_PROTECT_ENABLE | DIRTY_LOG_INITIALLY_SET);
       if (config.dirtyLogInitiallySet === false) mode &= ~DIRTY_LOG_INITIALLY_SET;
       if (mode & DIRTY_LOG_MANUAL_PROTECT_ENABLE) vm.enableManualDirtyLogProtect(mode);
       else mode = 0;
@@ -189,7 +200,8 @@ export class Machine extends EventEmitter implements StateHost {
         vm.createPit2(0);
       }
 
-      memory = new n.GuestMemory(ramSize, config.memPath ? { path: config.memPath } : config.memfd ? { memfd: true } : {});
+      const backing = config.memPath ? { path: config.memPath } : config.memfd ? { memfd: true } : {};
+      memory = new n.GuestMemory(ramSize, { ...backing, hugepages: config.hugepages ?? true });
       this.memory = memory;
       const idstr = config.memPath ? 'mem0' : machineType === 'none' ? 'ram' : 'pc.ram';
       const block = new RamBlock(idstr, memory, planRamSlots(ramSize, machineType === 'pvh'), vm);
@@ -202,7 +214,8 @@ export class Machine extends EventEmitter implements StateHost {
         for (let i = 0; i < this.cpus; i++) {
           const vcpu = vm.createVcpu(i);
           this.vcpus.push(vcpu);
-          vcpu.setCpuid(encodeCpuid(vcpuCpuid(supported, i, this.cpus)));
+          const timing = config.timingLeaf === false ? undefined : { tscKhz: vcpu.getTscKhz(), apicKhz: KVM_APIC_TIMER_KHZ };
+          vcpu.setCpuid(encodeCpuid(vcpuCpuid(supported, i, this.cpus, timing)));
           vcpu.setMsrs([MSR_IA32_MISC_ENABLE], [MISC_ENABLE_FAST_STRING]);
           vcpu.start((exit) => this.onExit(vcpu, exit), false);
         }
@@ -222,6 +235,12 @@ export class Machine extends EventEmitter implements StateHost {
       }
       throw err;
     }
+  }
+
+  /** KVM's capabilities (probed on first use). */
+  get probe(): KvmProbe {
+    this.probed ??= this.kvm.probe();
+    return this.probed;
   }
 
   // ---- run state -------------------------------------------------------

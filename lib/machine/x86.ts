@@ -249,11 +249,13 @@ function bitsFor(n: number): number {
  * - leaf 4: cores per package in EAX[31:26];
  * - 0x40000001 (KVM features) cleared: the guest is told of no paravirtual
  *   feature, so nothing (kvmclock, steal time, PV EOI) makes KVM write
- *   guest memory behind the guest's back.
+ *   guest memory behind the guest's back;
+ * - with `timing`: leaf 0x40000010 (TSC and LAPIC timer kHz), the hypervisor
+ *   range extended to include it.
  */
-export function vcpuCpuid(supported: CpuidEntry[], apicId: number, cpus: number): CpuidEntry[] {
+export function vcpuCpuid(supported: CpuidEntry[], apicId: number, cpus: number, timing?: { tscKhz: number; apicKhz: number }): CpuidEntry[] {
   const coreBits = bitsFor(cpus);
-  return supported.map((src) => {
+  const out = supported.map((src) => {
     const e = { ...src };
     switch (e.function) {
       case 0x1:
@@ -280,6 +282,9 @@ export function vcpuCpuid(supported: CpuidEntry[], apicId: number, cpus: number)
           e.ecx = e.index & 0xff; // invalid level terminates enumeration
         }
         break;
+      case 0x40000000:
+        if (timing && e.eax < TIMING_LEAF) e.eax = TIMING_LEAF;
+        break;
       case 0x40000001:
         e.eax = 0;
         e.ebx = 0;
@@ -289,7 +294,23 @@ export function vcpuCpuid(supported: CpuidEntry[], apicId: number, cpus: number)
     }
     return e;
   });
+  if (timing && out.some((e) => e.function === 0x40000000)) {
+    const leaf = { function: TIMING_LEAF, index: 0, flags: 0, eax: timing.tscKhz >>> 0, ebx: timing.apicKhz >>> 0, ecx: 0, edx: 0 };
+    const i = out.findIndex((e) => e.function === TIMING_LEAF);
+    if (i >= 0) out[i] = leaf;
+    else out.push(leaf);
+  }
+  return out;
 }
+
+/**
+ * The hypervisor timing leaf (VMware's, also offered by QEMU with
+ * vmware-cpuid-freq): EAX = TSC kHz, EBX = LAPIC timer kHz. A guest that
+ * knows it skips calibrating both against the PIT (tens of ms at boot).
+ */
+export const TIMING_LEAF = 0x40000010;
+/** KVM's LAPIC timer runs at 1 GHz (APIC_BUS_CYCLE_NS = 1) unless a VMM changes it. */
+export const KVM_APIC_TIMER_KHZ = 1_000_000;
 
 /** KVM_GET_MP_STATE values. */
 export const MP_STATE = {
