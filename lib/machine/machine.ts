@@ -120,6 +120,9 @@ const KVM_SYSTEM_EVENT_SHUTDOWN = 1;
 const KVM_SYSTEM_EVENT_RESET = 2;
 const KVM_SYSTEM_EVENT_CRASH = 3;
 
+/** MTRRdefType, the fixed-range MTRRs and 8 variable-range pairs (those KVM refuses are dropped by the probe). */
+const MTRR_MSRS = [0x2ff, 0x250, 0x258, 0x259, ...Array.from({ length: 8 }, (_, i) => 0x268 + i), ...Array.from({ length: 16 }, (_, i) => 0x200 + i)];
+
 /** Per-process cache: the readable MSR list depends only on the host and the CPUID we give. */
 let msrCache: number[] | undefined;
 
@@ -220,7 +223,7 @@ export class Machine extends EventEmitter implements StateHost {
           vcpu.start((exit) => this.onExit(vcpu, exit), false);
         }
         this.resetState = {
-          vcpus: this.vcpus.map((v) => captureVcpu(v, [])),
+          vcpus: this.vcpus.map((v) => captureVcpu(v, this.savedMsrs())),
           irqchip: [0, 1, 2].map((c) => vm!.getIrqchip(c)),
           pit: vm.getPit2(),
         };
@@ -366,7 +369,6 @@ export class Machine extends EventEmitter implements StateHost {
         if (this.resetState.pit) this.vm.setPit2(this.resetState.pit);
         const report: RestoreReport = { skippedMsrs: [] };
         this.resetState.vcpus.forEach((s, i) => restoreVcpu(this.vcpus[i]!, s, report, false));
-        this.vcpus.forEach((v) => v.setMsrs([MSR_IA32_MISC_ENABLE], [MISC_ENABLE_FAST_STRING]));
       }
       this.serialDevice?.reset();
       if (this.boot) this.loadGuestNow();
@@ -452,7 +454,11 @@ export class Machine extends EventEmitter implements StateHost {
 
   /** MSR indices saved with each vCPU: the index list minus what KVM_GET_MSRS refuses (probed once). */
   savedMsrs(): number[] {
-    if (!msrCache) msrCache = probeReadableMsrs(this.vcpus[0]!, this.kvm.msrIndexList());
+    if (!msrCache) {
+      // KVM's list leaves out the MTRRs (VMMs save them by name, as QEMU does).
+      const list = [...new Set([...this.kvm.msrIndexList(), ...MTRR_MSRS])];
+      msrCache = probeReadableMsrs(this.vcpus[0]!, list);
+    }
     return msrCache;
   }
 
