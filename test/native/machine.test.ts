@@ -210,6 +210,46 @@ describe(`machine: in-process on KVM${why}`, function () {
     await until('more ticks', 10_000, () => sink.ticks().length > n + 1, sink);
   });
 
+  it('port bus: debugcon output, unhandled ports read 0xff and are counted, ACPI-style power-off shuts down', async () => {
+    const { m, sink } = make('ticker', '');
+    open.push(m);
+    const boot = m.loadGuest();
+    // 32-bit code at the entry: out 0xe9 'A'; in al, 0x61 -> out 0xe9 al; out 0x80; out 0x604 <- 0x2000; hlt
+    const code = Buffer.from([
+      0xb0, 0x41, 0xe6, 0xe9, // mov al,'A'; out 0xe9,al
+      0xe4, 0x61, 0xe6, 0xe9, // in al,0x61 (unhandled: 0xff); out 0xe9,al
+      0xe6, 0x80, // out 0x80,al (POST: ignored, not counted)
+      0x66, 0xba, 0x04, 0x06, 0x66, 0xb8, 0x00, 0x20, 0x66, 0xef, // mov dx,0x604; mov ax,0x2000; out dx,ax
+      0xf4, 0xeb, 0xfd, // hlt; jmp back
+    ]);
+    m.writePhys(boot.entry, code);
+    const events: [string, unknown][] = [];
+    m.on('qmp-event', (name: string, data: unknown) => events.push([name, data]));
+    const down = new Promise((r) => m.once('shutdown', r));
+    await m.cont();
+    await down;
+    assert.equal(m.runState, 'shutdown');
+    assert.equal(sink.text, 'A\xff');
+    assert.equal(m.stats.unhandledPortReads, 1);
+    assert.deepEqual(m.stats.lastUnhandled, ['in 0x61']);
+    assert.equal(m.stats.unhandledPortWrites, 0);
+    assert.deepEqual(events.at(-1), ['SHUTDOWN', { guest: true, reason: 'guest-shutdown' }]);
+    await assert.rejects(m.cont(), { code: 'ERR_NEEDS_RESET' });
+  });
+
+  it('a triple fault shuts the machine down (reboot action shutdown) with SHUTDOWN guest-reset', async () => {
+    const { m } = make('ticker', '');
+    open.push(m);
+    const boot = m.loadGuest();
+    m.writePhys(boot.entry, Buffer.from([0x0f, 0x0b])); // ud2 with no IDT: #UD -> #DF -> triple fault
+    const errors: string[] = [];
+    m.on('guest-error', (e: string) => errors.push(e));
+    const info = new Promise((r) => m.once('shutdown', r));
+    await m.cont();
+    assert.deepEqual(await info, { guest: true, reason: 'guest-reset' });
+    assert.match(errors.join('\n'), /triple fault/);
+  });
+
   it('rejects bad configurations', () => {
     assert.throws(() => new Machine({ machineType: 'pvh', ramSize: 1000, cpus: 1 }), { code: 'ERR_MACHINE_CONFIG' });
     assert.throws(() => new Machine({ machineType: 'pvh', ramSize: 64 << 20, cpus: 0 }), { code: 'ERR_MACHINE_CONFIG' });
