@@ -4,7 +4,8 @@
  * commands, loads the guest and starts it (or stays in prelaunch with
  * --paused until `cont`, or waits in inmigrate with --incoming).
  *
- * Ends (resolving with exit status 0) on: the guest powering off or
+ * Ends (resolving with the exit status: 0, or 1 after a failed incoming
+ * migration with exit-on-error) on: the guest powering off or
  * triple-faulting (SHUTDOWN guest=true), QMP `quit` (SHUTDOWN host-qmp-quit),
  * SIGINT/SIGTERM (SHUTDOWN host-signal). Every end path runs the same
  * cleanup: SHUTDOWN reaches the QMP clients, the migration controller stops,
@@ -74,6 +75,8 @@ export async function runMachine(options: RunOptions): Promise<number> {
   let resolveDone!: (code: number) => void;
   const done = new Promise<number>((r) => (resolveDone = r));
 
+  // A RAM-only machine has no vCPU thread: keep the process alive until quit, as QEMU does.
+  const keepAlive = setInterval(() => undefined, 1 << 30);
   machine.on('qmp-event', (name: string, data?: Record<string, unknown>) => server?.emitEvent(name, data));
   machine.on('guest-error', (msg: string) => process.stderr.write(`ferry run: ${msg}\n`));
   machine.on('shutdown', () => void finish());
@@ -100,6 +103,7 @@ export async function runMachine(options: RunOptions): Promise<number> {
           await server.close();
         }
       } finally {
+        clearInterval(keepAlive);
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
         if (stdinInput) {
@@ -108,7 +112,7 @@ export async function runMachine(options: RunOptions): Promise<number> {
         }
         machine.close();
         setTimeout(() => process.exit(process.exitCode ?? 0), FORCE_EXIT_MS).unref();
-        resolveDone(0);
+        resolveDone(typeof process.exitCode === 'number' ? process.exitCode : 0);
       }
     })();
     return finishing;
@@ -141,6 +145,14 @@ export async function runMachine(options: RunOptions): Promise<number> {
       lookupFd: (name) => srv.takeFd(name),
     });
     controller.register(srv);
+    // QEMU's exit-on-error (default on): a failed incoming migration ends the process with status 1.
+    const ctl = controller;
+    ctl.on('incoming-finished', (status: string) => {
+      if (status !== 'failed' || !ctl.exitOnError) return;
+      process.stderr.write(`ferry run: load of migration failed: ${ctl.destination.error ?? 'unknown error'}\n`);
+      process.exitCode = 1;
+      void finish();
+    });
     for (const addr of options.qmp) {
       try {
         await srv.listen(addr);
