@@ -1,9 +1,8 @@
 /**
  * The machine's QMP commands, with QEMU 7.2's names, argument shapes and
  * refusals: query-status, stop, cont, system_reset, query-cpus-fast,
- * pmemsave, query-kvm; plus the STOP-GAP x-ferry-save-state /
- * x-ferry-load-state (private snapshot file, see snapshot-file.ts) until
- * `migrate "file:..."` and `-incoming` take over.
+ * pmemsave, query-kvm. Saving and restoring a guest is QEMU's way:
+ * `migrate "file:..."` (or exec:) and `ferry run --incoming file:...`.
  *
  * `quit` is the QMP server's own command; its hook lives in lib/cli/run.ts.
  * Events (STOP, RESUME, SHUTDOWN, RESET) are forwarded from the machine's
@@ -15,7 +14,6 @@ import { QmpError } from '../qmp/protocol';
 import type { QmpServer } from '../qmp/server';
 import type { Machine } from './machine';
 import { needsReset } from './runstate';
-import { loadSnapshotFile, saveSnapshotFile } from './snapshot-file';
 
 export interface MachineCommandOptions {
   /**
@@ -141,37 +139,6 @@ export function registerMachineCommands(server: QmpServer, machine: Machine, opt
         await fh.close();
       }
       return {};
-    },
-  });
-
-  server.register<{ filename: string }>({
-    name: 'x-ferry-save-state',
-    args: { filename: 'str' },
-    handler: async (args) => {
-      if (machine.isRunning) throw generic('x-ferry-save-state: stop the VM first');
-      try {
-        await saveSnapshotFile(machine, args.filename);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).syscall === 'open') throw fileError(args.filename, err);
-        throw generic(`x-ferry-save-state: ${(err as Error).message}`);
-      }
-      return {};
-    },
-  });
-
-  server.register<{ filename: string }>({
-    name: 'x-ferry-load-state',
-    args: { filename: 'str' },
-    handler: async (args) => {
-      if (machine.isRunning) throw generic('x-ferry-load-state: stop the VM first');
-      let report;
-      try {
-        report = await loadSnapshotFile(machine, args.filename);
-      } catch (err) {
-        if ((err as NodeJS.ErrnoException).syscall === 'open') throw fileError(args.filename, err);
-        throw generic(`x-ferry-load-state: ${(err as Error).message}`);
-      }
-      return { 'skipped-msrs': report.skippedMsrs.map((m) => ({ vcpu: m.vcpu, index: m.index })) };
     },
   });
 }

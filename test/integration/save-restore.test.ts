@@ -1,9 +1,10 @@
 /**
  * Save a stopped guest's complete state and RAM in one `ferry run` process
- * and restore it into a fresh one (STOP-GAP commands x-ferry-save-state /
- * x-ferry-load-state, until migrate "file:" replaces them): RAM is
- * byte-identical before and after (pmemsave of all RAM), and after `cont`
- * the guest carries on where it stopped (tick numbering, counters, errors=0).
+ * and restore it into a fresh one, QEMU's way: `migrate "file:PATH"` from
+ * the stopped source, `ferry run --incoming file:PATH` in a new process.
+ * RAM is byte-identical before and after (pmemsave of all RAM), the
+ * destination stays paused (the saved run state), and after `cont` the guest
+ * carries on where it stopped (tick numbering, counters, errors=0).
  */
 import assert from 'node:assert/strict';
 import fs from 'node:fs';
@@ -17,11 +18,13 @@ import {
   quitFerry,
   sha256File,
   sleep,
+  spawnFerryRun,
   startFerryGuest,
   tickerTicks,
   ticks,
   waitForTicks,
 } from './helpers/ferry';
+import { waitStatus } from './helpers/migration';
 
 const BUILT = fs.existsSync(guestPath('memwriter')) && fs.existsSync(guestPath('ticker'));
 const why = !HAVE_KVM ? ' (skipped: /dev/kvm missing)' : !BUILT ? ' (skipped: guests not built, run npm run build:guests)' : '';
@@ -40,7 +43,7 @@ const CASES: Case[] = [
   { title: 'memwriter with 2 vCPUs', guest: 'memwriter', append: 'ws=64M rate=50M', cpus: 2 },
 ];
 
-describe(`save/restore across processes (x-ferry-save-state stop-gap)${why}`, function () {
+describe(`save/restore across processes (migrate file: / --incoming file:)${why}`, function () {
   this.timeout(180_000);
   let dir: TempDir;
 
@@ -64,13 +67,16 @@ describe(`save/restore across processes (x-ferry-save-state stop-gap)${why}`, fu
         const before = dir.file(`before${i}.bin`);
         const snap = dir.file(`snap${i}.ferry`);
         await src.qmp.execute('pmemsave', { val: 0, size: RAM, filename: before });
-        await src.qmp.execute('x-ferry-save-state', { filename: snap });
+        await src.qmp.execute('migrate-set-parameters', { 'max-bandwidth': 0 });
+        await src.qmp.execute('migrate', { uri: `file:${snap}` });
+        const saved = await waitStatus(src.qmp, ['completed', 'failed'], 60_000);
+        assert.equal(saved.status, 'completed', saved['error-desc']);
         assert.equal((await quitFerry(src.proc, src.qmp)).code, 0, src.proc.tail());
 
-        dst = await startFerryGuest(dir, `dst${i}`, [...args, '--paused']);
-        const loaded = await dst.qmp.execute<{ 'skipped-msrs': unknown[] }>('x-ferry-load-state', { filename: snap });
-        assert.deepEqual(loaded['skipped-msrs'], [], 'every MSR restored');
-        assert.equal((await dst.qmp.execute<{ status: string }>('query-status')).status, 'prelaunch');
+        dst = await startFerryGuest(dir, `dst${i}`, [...args, '--incoming', `file:${snap}`]);
+        const loaded = await waitStatus(dst.qmp, ['completed', 'failed'], 60_000);
+        assert.equal(loaded.status, 'completed', loaded['error-desc']);
+        assert.equal((await dst.qmp.execute<{ status: string }>('query-status')).status, 'paused', 'the saved run state');
         const after = dir.file(`after${i}.bin`);
         await dst.qmp.execute('pmemsave', { val: 0, size: RAM, filename: after });
         const diff = firstDifference(before, after);
@@ -102,20 +108,17 @@ describe(`save/restore across processes (x-ferry-save-state stop-gap)${why}`, fu
     });
   });
 
-  it('x-ferry-save-state refuses a running guest; x-ferry-load-state refuses a bad file', async () => {
-    const g = await startFerryGuest(dir, 'refuse', ['--guest', 'ticker', '--memory', '64M']);
-    try {
-      await assert.rejects(g.qmp.execute('x-ferry-save-state', { filename: dir.file('x') }), /stop the VM first/);
-      await g.qmp.execute('stop');
-      const bogus = dir.file('bogus.bin');
-      fs.writeFileSync(bogus, 'not a snapshot at all');
-      await assert.rejects(g.qmp.execute('x-ferry-load-state', { filename: bogus }), /not a ferry snapshot/);
-      await assert.rejects(g.qmp.execute('x-ferry-load-state', { filename: dir.file('missing') }), /Could not open/);
-      await g.qmp.execute('cont');
-      const n = ticks(g.serial).length;
-      await waitForTicks(g.serial, n + 2, 30_000, g.proc);
-    } finally {
-      await quitFerry(g.proc, g.qmp);
+  it('a bad or missing save file: the restoring process fails with a clear error and exits 1', async () => {
+    const bogus = dir.file('bogus.bin');
+    fs.writeFileSync(bogus, 'not a migration stream at all');
+    for (const [file, re] of [
+      [bogus, /magic/],
+      [dir.file('missing'), /missing/],
+    ] as const) {
+      const p = spawnFerryRun(['--guest', 'ticker', '--memory', '64M', '--serial', 'none', '--incoming', `file:${file}`]);
+      const exit = await p.waitExit(20_000);
+      assert.equal(exit.code, 1, p.tail());
+      assert.match(p.stderr, re);
     }
   });
 });
