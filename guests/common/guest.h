@@ -61,7 +61,7 @@ static inline u64 muldiv(u64 a, u64 b, u64 c)
 }
 
 /* ---- system calls: ud2 with the number in rax, argument in rdi ---- */
-enum { SYS_WAIT = 1, SYS_HALT = 2, SYS_WRITE = 3, SYS_NOP = 4, SYS_PIT_SAMPLE = 5 };
+enum { SYS_WAIT = 1, SYS_HALT = 2, SYS_WRITE = 3, SYS_NOP = 4, SYS_PIT_SAMPLE = 5, SYS_CPUID = 6 };
 /* SYS_PIT_SAMPLE fills this: PIT channel 0 count bracketed by two TSC reads. */
 struct pit_sample { u64 tsc_before, tsc_after, count; };
 static inline u64 syscall1(u64 nr, u64 arg)

@@ -227,6 +227,14 @@ void trap(struct trap_frame *f)
 			f->rax = 0;
 			return;
 		}
+		case SYS_CPUID: {
+			/* Ring 3 may see the host's CPUID under a nested hypervisor
+			 * (kvm_pvm): the hypervisor leaves are only right in ring 0. */
+			u32 *r = (u32 *)f->rsi;
+			cpuid((u32)f->rdi, 0, r);
+			f->rax = 0;
+			return;
+		}
 		case SYS_NOP:
 			f->rax = 0;
 			return;

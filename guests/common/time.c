@@ -57,12 +57,21 @@ static u64 tsc_pit_once(void)
 	return muldiv(cycles, PIT_HZ, s0.count - s.count);
 }
 
+/* CPUID as the kernel sees it (hypervisor leaves are only reliable in ring 0). */
+static void kernel_cpuid(u32 leaf, u32 r[4])
+{
+	if (in_user_mode())
+		syscall2(SYS_CPUID, leaf, (u64)r);
+	else
+		cpuid(leaf, 0, r);
+}
+
 static void tsc_calibrate(void)
 {
 	u32 r[4];
-	cpuid(0x40000000, 0, r);
+	kernel_cpuid(0x40000000, r);
 	if (r[0] >= 0x40000010 && r[0] < 0x40010000) {
-		cpuid(0x40000010, 0, r);
+		kernel_cpuid(0x40000010, r);
 		if (r[0]) {
 			tsc_hz = (u64)r[0] * 1000;
 			if (r[1])

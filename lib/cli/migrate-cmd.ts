@@ -4,10 +4,15 @@
  * option, what was wrong and what is accepted.
  */
 import { Command, InvalidArgumentError } from 'commander';
-import { parseQmpAddress } from '../qmp/protocol';
-import { parseMigrationUri } from '../transport';
-import { parseSize } from '../util/size';
-import { formatSummary, parseParamValue, runMigrate } from './migrate';
+import type * as MigrateModule from './migrate';
+
+// Loaded on use: `ferry run` goes through main.ts too and must start fast.
+/* eslint-disable @typescript-eslint/no-require-imports */
+const migrate = () => require('./migrate') as typeof MigrateModule;
+const parseQmpAddress = (s: string) => (require('../qmp/protocol') as typeof import('../qmp/protocol')).parseQmpAddress(s);
+const parseMigrationUri = (s: string) => (require('../transport/address') as typeof import('../transport/address')).parseMigrationUri(s);
+const parseSize = (s: string) => (require('../util/size') as typeof import('../util/size')).parseSize(s);
+/* eslint-enable @typescript-eslint/no-require-imports */
 
 function capOption(value: string, prev: Record<string, boolean>): Record<string, boolean> {
   const m = /^([a-z][a-z0-9-]*)=(on|off|true|false)$/.exec(value);
@@ -18,7 +23,7 @@ function capOption(value: string, prev: Record<string, boolean>): Record<string,
 function paramOption(value: string, prev: Record<string, unknown>): Record<string, unknown> {
   const m = /^([a-z][a-z0-9-]*)=(.+)$/.exec(value);
   if (!m) throw new InvalidArgumentError(`'${value}' is not NAME=VALUE (e.g. --param max-bandwidth=0)`);
-  return { ...prev, [m[1]!]: parseParamValue(m[2]!) };
+  return { ...prev, [m[1]!]: migrate().parseParamValue(m[2]!) };
 }
 
 function qmpOption(value: string): string {
@@ -49,6 +54,7 @@ export function createMigrateCommand(setExit: (code: number) => void): Command {
     .option('--plain', 'log lines instead of a progress bar')
     .helpOption('-h, --help', 'show this help')
     .action(async (o: { qmp: string; to: string; cap: Record<string, boolean>; param: Record<string, unknown>; plain?: boolean }) => {
+      const { runMigrate, formatSummary } = migrate();
       const s = await runMigrate({ qmp: o.qmp, to: o.to, caps: o.cap, params: o.param, plain: o.plain });
       process.stdout.write(`${formatSummary(s)}\n`);
       setExit(s.status === 'completed' ? 0 : 1);
