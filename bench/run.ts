@@ -7,6 +7,7 @@
  * never absolute times across runs: the machines are noisy and shared.
  */
 import { benchBootAndDirty, DEFAULTS as BOOT_DIRTY_DEFAULTS, formatBootAndDirty } from './boot-and-dirty';
+import { benchPrecopy, DEFAULTS as PRECOPY_DEFAULTS, formatPrecopy } from './precopy';
 
 interface Bench {
   name: string;
@@ -22,6 +23,14 @@ export const BENCHES: Bench[] = [
     async run(log) {
       const r = await benchBootAndDirty(BOOT_DIRTY_DEFAULTS, log);
       return { table: formatBootAndDirty(r), raw: r };
+    },
+  },
+  {
+    name: 'precopy',
+    description: 'precopy live migration ferry->ferry vs QEMU 7.2->QEMU 7.2: total time, downtime, MB/s, memory beyond guest RAM',
+    async run(log) {
+      const r = await benchPrecopy({ ...PRECOPY_DEFAULTS, reps: process.argv.includes('--quick') ? 1 : PRECOPY_DEFAULTS.reps }, log);
+      return { table: formatPrecopy(r), raw: r };
     },
   },
 ];
