@@ -25,6 +25,13 @@ import { RpWriter } from './return-path';
 import { describeError } from './source';
 import type { MigrationStateMachine, RunState } from './state';
 
+/**
+ * Bytes the reader queues before pausing the socket. The kernel's socket
+ * buffer already absorbs bursts; more read-ahead only holds memory (the
+ * reader's 16 MiB default showed as +13 MiB resident on a 2 GiB receive).
+ */
+const READ_AHEAD = 2 << 20;
+
 export interface IncomingOptions {
   /** Start the guest when the source was running (QEMU's autostart; false with -S). */
   autostart: boolean;
@@ -81,7 +88,7 @@ export class IncomingMigration extends EventEmitter {
 
   private async load(channel: IncomingChannel): Promise<void> {
     const m = this.machine;
-    const reader = StreamReader.fromReadable(channel.stream);
+    const reader = StreamReader.fromReadable(channel.stream, { highWaterMark: READ_AHEAD });
     const parser = new SectionParser(reader, { expectMachine: m.configName });
     const ram = new RamLoader(reader, m.ramBlocks);
     const devices: DeviceStateSection[] = [];

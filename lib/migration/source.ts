@@ -35,7 +35,17 @@ const FIRST_DEVICE_SECTION = 3;
 /** Longest one iteration may encode before yielding (QEMU: 50 ms). */
 const ITERATION_BUDGET_MS = 50;
 /** Bytes encoded between checks of time, rate limit and backpressure. */
-const BATCH_BYTES = 4 << 20;
+const BATCH_BYTES = 256 << 10;
+/**
+ * Output queued in user space before the encoder waits for the socket. Small
+ * batches written as soon as they are encoded, with this much allowed in
+ * flight, keep the kernel's socket buffer (about 200 KiB) from running dry
+ * while the next batch is encoded; waiting for a full drain after every
+ * large batch left the destination idle for the length of each encode.
+ */
+const MAX_QUEUED = 1 << 20;
+/** Output chunk size: small enough that recycled chunks come back quickly. */
+const CHUNK_BYTES = 256 << 10;
 /** How long completion waits for the destination's SHUT on the return path. */
 const SHUT_TIMEOUT_MS = 30_000;
 
@@ -122,8 +132,8 @@ export class OutgoingMigration extends EventEmitter {
   private async transfer(channel: OutgoingChannel): Promise<void> {
     const m = this.machine;
     const opts = this.options;
-    const sink = new StreamSink(channel.stream);
-    const w = new StreamWriter({ sink });
+    const sink = new StreamSink(channel.stream, { maxQueued: MAX_QUEUED });
+    const w = new StreamWriter({ sink, chunkSize: CHUNK_BYTES, maxFreeChunks: 8 });
     const enc = new RamEncoder(w);
     const sender = new RamSender(m.ramBlocks, enc);
     this.stats.setTotal(sender.totalBytes);

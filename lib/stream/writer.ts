@@ -13,10 +13,23 @@
  * is a no-op and flush()/take() report that error, so page loops need not
  * check each put.
  *
+ * Chunk recycling: flush() through a sink whose Writable copies what it is
+ * given (sockets, pipes, files) hands full chunks back to a small free list
+ * once the Writable has completed the writes that carried their bytes, so a
+ * long migration reuses a few chunks instead of leaving a trail of buffers
+ * for the garbage collector (the resident set stays flat). Completion is
+ * read from the Writable's own accounting (bytes accepted minus
+ * writableLength), not from write callbacks: those arrive on process.nextTick
+ * and a sender whose awaits all resolve at once would not see them until it
+ * yields. Chunks handed out by take() directly are never reused.
+ *
  * StreamSink wraps a Node Writable: writes a list of pieces under cork/uncork
- * (one writev on sockets), awaits 'drain' when write() returns false, and is
- * released by 'close'/'error' too so a dead peer never hangs the sender.
+ * (one writev on sockets), awaits 'drain' when write() returns false (or,
+ * with `maxQueued`, only while more than that is queued in user space), and
+ * is released by 'close'/'error' too so a dead peer never hangs the sender.
  */
+import fs from 'node:fs';
+import net from 'node:net';
 import type { Writable } from 'node:stream';
 import {
   MAX_IDSTR_LEN,
@@ -35,6 +48,8 @@ export interface WriterOptions {
   minRefSize?: number;
   /** Optional sink for flush(). */
   sink?: StreamSink;
+  /** Most free chunks kept for reuse (default 4). */
+  maxFreeChunks?: number;
 }
 
 /** Machine configuration sent right after the header (QEMU_VM_CONFIGURATION). */
@@ -67,11 +82,21 @@ export class StreamWriter {
   private piecesBytes = 0;
   private _total = 0;
   private _error: Error | undefined;
+  /** Full chunks whose last bytes are in `pieces` (reusable once those are written). */
+  private retired: Buffer[] = [];
+  /** Retired chunks flushed through `recycleSink`, reusable once it completed `end` bytes. */
+  private pending: { end: number; chunks: Buffer[] }[] = [];
+  private recycleSink: StreamSink | undefined;
+  /** Chunks free for reuse (their bytes have been written out). */
+  private readonly free: Buffer[] = [];
+  private readonly maxFree: number;
+  private _chunksAllocated = 1;
   sink: StreamSink | undefined;
 
   constructor(opts: WriterOptions = {}) {
     this.chunkSize = opts.chunkSize ?? 1 << 20;
     this.minRefSize = opts.minRefSize ?? 512;
+    this.maxFree = opts.maxFreeChunks ?? 4;
     this.chunk = Buffer.allocUnsafe(this.chunkSize);
     this.sink = opts.sink;
   }
@@ -89,6 +114,11 @@ export class StreamWriter {
   /** Bytes encoded and not yet taken. */
   get pendingBytes(): number {
     return this.piecesBytes + (this.pos - this.segStart);
+  }
+
+  /** Output chunks allocated so far (the rest were reused). */
+  get chunksAllocated(): number {
+    return this._chunksAllocated;
   }
 
   /** Bytes encoded since construction (QEMU's qemu_file_transferred()). */
@@ -307,6 +337,12 @@ export class StreamWriter {
    * latched error.
    */
   take(): Uint8Array[] {
+    const out = this.takePieces();
+    this.retired = []; // the caller may keep the pieces: never reuse their chunks
+    return out;
+  }
+
+  private takePieces(): Uint8Array[] {
     if (this._error) throw this._error;
     this.sealSegment();
     const out = this.pieces;
@@ -326,10 +362,20 @@ export class StreamWriter {
   /** Writes all pending pieces to the sink, honouring backpressure. */
   async flush(sink: StreamSink | undefined = this.sink): Promise<void> {
     if (!sink) throw new StreamWriteError('StreamWriter.flush: no sink', 'ERR_INVALID_ARG_VALUE');
-    const pieces = this.take();
+    const pieces = this.takePieces();
+    const retired = this.retired;
+    this.retired = [];
     if (pieces.length === 0) return;
     try {
-      await sink.write(pieces);
+      const p = sink.write(pieces);
+      // Reuse the retired chunks once the Writable completed every byte up to
+      // here (never for a Writable that only queues references, like a PassThrough).
+      if (sink.copies && retired.length > 0) {
+        if (this.recycleSink !== sink) this.pending = [];
+        this.recycleSink = sink;
+        this.pending.push({ end: sink.written, chunks: retired });
+      }
+      await p;
     } catch (err) {
       this.setError(err as Error);
       throw err;
@@ -352,10 +398,35 @@ export class StreamWriter {
 
   private newChunk(): void {
     this.sealSegment();
-    this.chunk = Buffer.allocUnsafe(this.chunkSize);
+    this.retired.push(this.chunk);
+    if (this.free.length === 0) this.reclaim();
+    const reused = this.free.pop();
+    if (!reused) this._chunksAllocated++;
+    this.chunk = reused ?? Buffer.allocUnsafe(this.chunkSize);
     this.pos = 0;
     this.segStart = 0;
   }
+
+  /** Moves chunks whose bytes the sink has completed to the free list. */
+  private reclaim(): void {
+    const sink = this.recycleSink;
+    if (!sink || this.pending.length === 0) return;
+    const completed = sink.completed;
+    while (this.pending.length > 0 && this.pending[0]!.end <= completed) {
+      for (const c of this.pending.shift()!.chunks) if (this.free.length < this.maxFree) this.free.push(c);
+    }
+  }
+}
+
+export interface SinkOptions {
+  /**
+   * Resolve write() at once while at most this many bytes wait in the
+   * Writable's user-space queue (Node's writableLength), and otherwise wait
+   * until a write completes below it. Lets the encoder prepare the next batch
+   * while the previous ones are still going out. Default: wait for 'drain'
+   * whenever write() returns false (the Writable's own highWaterMark).
+   */
+  maxQueued?: number;
 }
 
 /**
@@ -369,9 +440,18 @@ export class StreamSink {
   private closed = false;
   private waiters: Array<() => void> = [];
   private _written = 0;
+  private readonly maxQueued: number | undefined;
+  /**
+   * Whether the Writable is done with a piece once its write callback ran
+   * (sockets and files copy into the kernel): only then may a writer reuse
+   * the memory of written pieces.
+   */
+  readonly copies: boolean;
 
-  constructor(w: Writable) {
+  constructor(w: Writable, opts: SinkOptions = {}) {
     this.w = w;
+    this.maxQueued = opts.maxQueued;
+    this.copies = w instanceof net.Socket || w instanceof fs.WriteStream;
     w.on('drain', () => this.release());
     w.on('error', (err: Error) => {
       if (!this._error) this._error = err;
@@ -392,20 +472,36 @@ export class StreamSink {
     return this._written;
   }
 
+  /**
+   * Bytes whose write the Writable has completed (accepted minus still
+   * queued): for a socket or file, bytes the kernel has taken. The write()
+   * call counts its pieces as accepted before it first awaits.
+   */
+  get completed(): number {
+    return this._written - this.w.writableLength;
+  }
+
   /** Writes the pieces in order (corked: sockets get one writev); resolves when the Writable can take more. */
   async write(pieces: readonly Uint8Array[]): Promise<void> {
     this.check();
     const w = this.w;
     let ok = true;
     if (pieces.length > 1) w.cork();
-    for (const p of pieces) {
-      ok = w.write(p);
+    const last = pieces.length - 1;
+    for (let i = 0; i <= last; i++) {
+      const p = pieces[i]!;
+      ok = i === last && this.maxQueued !== undefined ? w.write(p, () => this.release()) : w.write(p);
       this._written += p.byteLength;
     }
     if (pieces.length > 1) w.uncork();
-    if (!ok || w.writableNeedDrain) await this.waitDrain();
+    if (this.maxQueued !== undefined) {
+      while (w.writableLength > this.maxQueued && !this._error && !this.closed && !w.destroyed) await this.waitDrain();
+    } else if (!ok || w.writableNeedDrain) {
+      await this.waitDrain();
+    }
     this.check();
   }
+
 
   /** Ends the Writable and waits until everything is flushed ('finish'). */
   async end(): Promise<void> {
