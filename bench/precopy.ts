@@ -101,6 +101,8 @@ export interface Trial {
   /** query-migrate ram.mbps (megabits/s). */
   mbps: number;
   syncs: number;
+  /** RAM bytes sent while the guest was stopped (query-migrate ram.downtime-bytes). */
+  downtimeBytes: number;
   /** CPU time (all threads) of the source and destination from migrate to completion, ms. */
   srcCpuMs: number;
   dstCpuMs: number;
@@ -124,7 +126,7 @@ interface MigrateInfo {
   downtime?: number;
   'setup-time'?: number;
   'error-desc'?: string;
-  ram?: { transferred: number; mbps: number; 'dirty-sync-count'?: number };
+  ram?: { transferred: number; mbps: number; 'dirty-sync-count'?: number; 'downtime-bytes'?: number };
 }
 
 function newestFile(dir: string, ext: string): string | undefined {
@@ -137,7 +139,7 @@ function newestFile(dir: string, ext: string): string | undefined {
 async function runTrial(sc: Scenario, engine: Engine, rep: number, opts: PrecopyOptions, log: (s: string) => void): Promise<Trial> {
   const t0 = performance.now();
   const dir = new TempDir(`ferry-bench-precopy-${sc.id}-`);
-  const trial: Trial = { scenario: sc.id, engine, rep, ok: false, totalMs: NaN, downtimeMs: NaN, setupMs: NaN, transferred: NaN, mbPerS: NaN, mbps: NaN, syncs: NaN, srcCpuMs: NaN, dstCpuMs: NaN, wallMs: NaN };
+  const trial: Trial = { scenario: sc.id, engine, rep, ok: false, totalMs: NaN, downtimeMs: NaN, setupMs: NaN, transferred: NaN, mbPerS: NaN, mbps: NaN, syncs: NaN, downtimeBytes: NaN, srcCpuMs: NaN, dstCpuMs: NaN, wallMs: NaN };
   const uri = `unix:${dir.file('mig.sock')}`;
   const profDir = (role: string) => (opts.profileDir ? path.join(opts.profileDir, `${sc.id}-${engine}-${rep}-${role}`) : undefined);
   const nodeOptions = (role: string) => {
@@ -186,6 +188,7 @@ async function runTrial(sc: Scenario, engine: Engine, rep: number, opts: Precopy
     trial.transferred = info.ram?.transferred ?? NaN;
     trial.mbps = info.ram?.mbps ?? NaN;
     trial.syncs = info.ram?.['dirty-sync-count'] ?? NaN;
+    trial.downtimeBytes = info.ram?.['downtime-bytes'] ?? NaN;
     trial.mbPerS = trial.transferred / 1e6 / (trial.totalMs / 1000);
     trial.ok = true;
   } catch (err) {
@@ -203,7 +206,8 @@ async function runTrial(sc: Scenario, engine: Engine, rep: number, opts: Precopy
   const mem = (m?: MemSummary) => (m ? `${fmt(m.peakBeyond / MIB, 1)}` : '-');
   log(
     trial.ok
-      ? `  ${sc.id.padEnd(4)} ${engine.padEnd(5)} #${rep}: total ${trial.totalMs} ms, downtime ${trial.downtimeMs} ms, ` +
+      ? `  ${sc.id.padEnd(4)} ${engine.padEnd(5)} #${rep}: total ${trial.totalMs} ms, downtime ${trial.downtimeMs} ms ` +
+          `(${fmt(trial.downtimeBytes / MIB, 1)} MiB, ${trial.syncs} syncs), ` +
           `${fmt(trial.mbPerS)} MB/s (mbps ${fmt(trial.mbps)}), beyond RAM src ${mem(trial.src)} / dst ${mem(trial.dst)} MiB, ` +
           `cpu src ${fmt(trial.srcCpuMs)} / dst ${fmt(trial.dstCpuMs)} ms ` +
           `[${fmt(trial.wallMs / 1000, 1)} s]`

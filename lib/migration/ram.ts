@@ -114,11 +114,19 @@ export class RamSender {
     }
   }
 
-  /** Merges dirty pages reported by the dirty log (a bitmap per block, KVM layout). */
+  /**
+   * Merges dirty pages reported by the dirty log (a bitmap per block, KVM
+   * layout). The scan position stays where it is, as QEMU's does: the walk
+   * finishes the current round before it wraps around to pages dirtied
+   * behind it. Restarting at page 0 after every sync resent the (hot, low)
+   * working set again and again while the never-sent rest of the first pass
+   * waited, and was then sent during the downtime into destination memory
+   * not yet populated: several times slower than a page the destination
+   * already holds.
+   */
   mergeDirty(index: number, kvmBitmap: Uint8Array | PageBitmap): void {
     const b = this.blocks[index]!;
     b.bitmap.or(kvmBitmap);
-    b.cursor = 0;
     this.recount();
   }
 
