@@ -35,6 +35,7 @@ import path from 'node:path';
 
 import { summarizeProfile, formatProfileSummary } from './lib/cpuprofile';
 import { MemSampler, cpuTimeMs, type MemSummary } from './lib/memsample';
+import { warmHugePages } from './lib/warm';
 import { TempDir, sleep, waitFor } from './lib/proc';
 import { MIB, fmt, fmtSummary, ratio, summarize, table, type Summary } from './lib/stats';
 import { ENGINES, checkGuestTicking, ferryNodeOptions, haveQemu, startVm, waitGuestReady, type Engine, type Vm, type VmSpec } from './lib/vmm';
@@ -70,21 +71,30 @@ export interface PrecopyOptions {
   sampleMs: number;
   /** Pause before each trial (ms): see COLD_PAUSE_MS. */
   pauseMs: number;
+  /**
+   * Touch and free RAM-size of huge pages right before each migration that
+   * populates destination RAM (bench/lib/warm.ts), so both destinations
+   * receive into warm memory. Off (--cold): pause pauseMs before each trial
+   * instead, so both start on cold memory.
+   */
+  warm: boolean;
 }
 
 /**
  * Free page reporting on these machines (virtio-balloon, page_reporting_order
- * 9, reported within ~2 s of being freed) hands freed 2 MiB blocks back to the
- * host, and the next first touch of such memory costs several times a warm
- * one. Huge pages (both VMMs madvise guest RAM) mostly come from such blocks.
- * Without a pause, whichever engine runs second gets the memory the first
- * one just freed, still warm: measured here, a 2 GiB receive took 0.8 s of
- * CPU warm vs 5 s cold. Pausing past the reporting delay starts every trial
- * on equally cold memory.
+ * 9) hands freed 2 MiB blocks back to the host, and the next first touch of
+ * such memory costs several times a warm one; huge pages (both VMMs madvise
+ * guest RAM) come from such blocks. Without care, whichever engine runs
+ * second gets the memory the first one just freed, still warm: measured
+ * here, a 2 GiB receive took 0.8 s of destination CPU warm vs 4-5 s cold.
+ * Default: warm RAM-size right before each migrate (bench/lib/warm.ts). With
+ * --cold, pause this long instead, past the reporting delay, so every trial
+ * starts on cold memory (less reproducible: reporting also waits for enough
+ * free memory to accumulate).
  */
 export const COLD_PAUSE_MS = 4000;
 
-export const DEFAULTS: PrecopyOptions = { reps: 3, engines: [...ENGINES], sampleMs: 20, pauseMs: COLD_PAUSE_MS };
+export const DEFAULTS: PrecopyOptions = { reps: 3, engines: [...ENGINES], sampleMs: 20, pauseMs: 300, warm: true };
 
 export interface Trial {
   scenario: string;
@@ -163,6 +173,9 @@ async function runTrial(sc: Scenario, engine: Engine, rep: number, opts: Precopy
     dstMem = new MemSampler(dst.pid, sc.spec.ramBytes, opts.sampleMs);
     srcMem.start();
     dstMem.start();
+    // Warm memory for the destination to receive into, right before the
+    // migration (after the source's boot); scenario a populates almost none.
+    if (opts.warm && sc.spec.append.includes('fill=random')) warmHugePages(sc.spec.ramBytes);
     const cpu0 = [cpuTimeMs(src.pid), cpuTimeMs(dst.pid)];
     await src.qmp.execute('migrate', { uri });
     const source = src;
@@ -347,7 +360,7 @@ export function formatPrecopy(r: PrecopyResult): string {
   }
   const parts = [
     `precopy migration, unix socket, max-bandwidth ${MAX_BANDWIDTH}, downtime-limit ${DOWNTIME_LIMIT_MS} ms; ` +
-      `${r.options.reps} run(s) per engine; best (min..max); memory = peak beyond guest RAM, MiB`,
+      `${r.options.reps} run(s) per engine, ${r.options.warm ? 'warm memory' : 'cold memory'}; best (min..max); memory = peak beyond guest RAM, MiB`,
     table(['scenario', 'engine', 'total ms', 'downtime ms', 'MB/s', 'mbps', 'src MiB', 'dst MiB', 'runs'], rows),
   ];
   if (ratioRows.length > 0) {
@@ -393,7 +406,11 @@ export function parseArgs(argv: readonly string[]): PrecopyOptions & { json?: st
     else if (a === '--json') o.json = val();
     else if (a === '--sample-ms') o.sampleMs = Math.max(5, parseInt(val(), 10) || 20);
     else if (a === '--pause-ms') o.pauseMs = Math.max(0, parseInt(val(), 10) || 0);
-    else throw new Error(`unknown option ${a} (--quick, --reps N, --only a,b,c50,c200, --engines ferry,qemu, --profile DIR, --json FILE, --sample-ms N, --pause-ms N)`);
+    else if (a === '--cold') {
+      o.warm = false;
+      o.pauseMs = COLD_PAUSE_MS;
+    }
+    else throw new Error(`unknown option ${a} (--quick, --reps N, --only a,b,c50,c200, --engines ferry,qemu, --profile DIR, --json FILE, --sample-ms N, --pause-ms N, --cold)`);
   }
   for (const e of o.engines) if (!ENGINES.includes(e)) throw new Error(`unknown engine ${e}`);
   for (const s of o.only ?? []) if (!SCENARIOS.some((x) => x.id === s)) throw new Error(`unknown scenario ${s} (a, b, c50, c200)`);

@@ -1,8 +1,9 @@
 /**
  * Summary of a V8 .cpuprofile (node --cpu-prof): self and inclusive time per
  * function, optionally restricted to the migration window (first to last
- * sample with a frame in lib/migration/ or lib/stream/), so the boot and the
- * idle wait before `migrate` do not drown the hot spots.
+ * sample inside the engine's transfer/complete (source) or load (destination)
+ * in lib/migration/), so the boot and the idle wait before `migrate` do not
+ * drown the hot spots.
  *
  *   node dist/bench/lib/cpuprofile.js FILE.cpuprofile [--all] [--top N]
  */
@@ -49,7 +50,8 @@ export interface SummarizeOptions {
   window?: 'migration' | 'all';
 }
 
-const MIGRATION_FRAME = /\/lib\/(migration|stream)\//;
+const MIGRATION_FILE = /\/lib\/migration\/(source|destination|ram)\.js$/;
+const MIGRATION_FN = /^(transfer|complete|load|loadSection|encodeSome)$/;
 
 function label(cf: CallFrame): string {
   const name = cf.functionName || '(anonymous)';
@@ -77,7 +79,8 @@ export function summarizeProfile(file: string, opts: SummarizeOptions = {}): Pro
     const up = p === undefined ? [] : stack(p);
     s = [...up, label(n.callFrame)];
     stackOf.set(id, s);
-    inMigration.set(id, (p !== undefined && inMigration.get(p) === true) || MIGRATION_FRAME.test(n.callFrame.url));
+    const cf = n.callFrame;
+    inMigration.set(id, (p !== undefined && inMigration.get(p) === true) || (MIGRATION_FILE.test(cf.url) && MIGRATION_FN.test(cf.functionName)));
     return s;
   };
 

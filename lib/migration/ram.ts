@@ -157,15 +157,22 @@ export class RamSender {
       const memOffset = (b.ref.memOffset ?? 0) + page * TARGET_PAGE_SIZE;
       b.ref.memory.scanZeroPages(memOffset, run, scan);
       const idstr = b.ref.idstr;
-      for (let i = 0; i < run; i++, page++) {
-        const offset = page * TARGET_PAGE_SIZE;
+      for (let i = 0; i < run; ) {
         b.bitmap.clear(page);
         if (scan[i]) {
-          this.enc.zero(idstr, offset);
-          this.counts.duplicate++;
+          // Zero pages come in long runs (untouched RAM): encode a run at once.
+          let n = 1;
+          while (i + n < run && scan[i + n]) b.bitmap.clear(page + n++);
+          this.enc.zeroRun(idstr, page * TARGET_PAGE_SIZE, n);
+          this.counts.duplicate += n;
+          i += n;
+          page += n;
         } else {
+          const offset = page * TARGET_PAGE_SIZE;
           this.enc.page(idstr, offset, b.views.page(offset), true);
           this.counts.normal++;
+          i++;
+          page++;
         }
       }
       this.dirty -= run;
@@ -214,22 +221,19 @@ export class RamLoader {
   async loadSection(): Promise<void> {
     const parser = this.parser;
     for (;;) {
+      const run = parser.tryZeroRun();
+      if (run) {
+        this.addZeros(this.byName.get(run.block.idstr)!, run.offset, run.count);
+        continue;
+      }
       const rec: RamRecord = parser.tryNext() ?? (await parser.next());
       switch (rec.kind) {
         case 'page':
           this.pages++;
           break;
-        case 'zero': {
-          const views = this.byName.get(rec.block.idstr)!;
-          if (views !== this.zeroViews || rec.offset !== this.zeroEnd) {
-            if (this.zeroViews) this.applyZeros();
-            this.zeroViews = views;
-            this.zeroStart = rec.offset;
-          }
-          this.zeroEnd = rec.offset + TARGET_PAGE_SIZE;
-          this.zeroPages++;
+        case 'zero':
+          this.addZeros(this.byName.get(rec.block.idstr)!, rec.offset, 1);
           break;
-        }
         case 'memsize':
           this.applyZeros();
           this.checkBlockList(rec);
@@ -242,6 +246,17 @@ export class RamLoader {
           return;
       }
     }
+  }
+
+  /** Adds `count` ZERO records from `offset` to the pending run (applying the old run if not adjacent). */
+  private addZeros(views: BlockViews, offset: number, count: number): void {
+    if (views !== this.zeroViews || offset !== this.zeroEnd) {
+      if (this.zeroViews) this.applyZeros();
+      this.zeroViews = views;
+      this.zeroStart = offset;
+    }
+    this.zeroEnd = offset + count * TARGET_PAGE_SIZE;
+    this.zeroPages += count;
   }
 
   /** Zeroes the pages of the pending ZERO run that are not zero already. */

@@ -82,6 +82,9 @@ export function encodePageHeader(buf: Uint8Array, pos: number, offset: number, f
   return pos;
 }
 
+/** A ZERO record with CONTINUE: be64 header + fill byte. */
+const ZERO_RECORD_BYTES = 9;
+
 /** Encoder of RAM records for one channel, on top of a StreamWriter. */
 export class RamEncoder {
   readonly w: StreamWriter;
@@ -162,6 +165,33 @@ export class RamEncoder {
   zero(block: string, offset: number): void {
     this.header(block, offset, RAM_FLAG.ZERO);
     this.w.put8(0);
+  }
+
+  /**
+   * `count` ZERO records for consecutive pages from `offset` (what `count`
+   * zero() calls would write; the records after the first carry CONTINUE),
+   * encoded in one pass into reserved output.
+   */
+  zeroRun(block: string, offset: number, count: number): void {
+    if (count <= 0) return;
+    this.zero(block, offset);
+    const w = this.w;
+    const end = offset + count * TARGET_PAGE_SIZE;
+    if (!Number.isSafeInteger(end)) {
+      w.setError(new RangeError(`RAM offset ${end} is not a safe integer`));
+      return;
+    }
+    const flags = RAM_FLAG.ZERO | RAM_FLAG.CONTINUE;
+    const perReserve = Math.max(1, Math.min(4096, Math.floor(w.maxReserve / ZERO_RECORD_BYTES))); // records per reservation
+    for (let off = offset + TARGET_PAGE_SIZE; off < end; ) {
+      const n = Math.min(perReserve, (end - off) / TARGET_PAGE_SIZE);
+      const { buf, at } = w.reserve(n * ZERO_RECORD_BYTES);
+      let pos = at;
+      for (let i = 0; i < n; i++, off += TARGET_PAGE_SIZE) {
+        pos = encodePageHeader(buf, pos, off, flags);
+        buf[pos++] = 0;
+      }
+    }
   }
 
   /** End of this RAM section payload. */
@@ -297,6 +327,39 @@ export class RamRecordParser {
       r.skip(TARGET_PAGE_SIZE);
     }
     return { kind: 'page', block, offset, data, position };
+  }
+
+  /**
+   * Fast path for the common run of ZERO records with CONTINUE on
+   * consecutive pages: consumes as many as lie complete in the reader's
+   * current chunk (at most `max`) and returns the first offset and the count,
+   * or undefined (nothing consumed) when the next record is not such a
+   * record. Anything unusual (another kind, a gap, a non-zero fill byte, an
+   * offset outside the block) ends the run and is left to tryNext(), which
+   * reports errors with their position.
+   */
+  tryZeroRun(max = 1 << 16): { block: RamBlockInfo; offset: number; count: number } | undefined {
+    const block = this.lastBlock;
+    if (!block) return undefined;
+    const buf = this.reader.currentView();
+    const want = RAM_FLAG.ZERO | RAM_FLAG.CONTINUE;
+    const len = buf.length;
+    if (len < ZERO_RECORD_BYTES || (buf[7]! & 0xff) !== want || buf[6]! & 0x0f) return undefined;
+    let first = -1;
+    let count = 0;
+    for (let at = 0; at + ZERO_RECORD_BYTES <= len && count < max; at += ZERO_RECORD_BYTES) {
+      const hi = ((buf[at]! << 24) | (buf[at + 1]! << 16) | (buf[at + 2]! << 8) | buf[at + 3]!) >>> 0;
+      const lo = ((buf[at + 4]! << 24) | (buf[at + 5]! << 16) | (buf[at + 6]! << 8) | buf[at + 7]!) >>> 0;
+      if ((lo & RAM_FLAGS_MASK) !== want || buf[at + 8] !== 0 || hi >= 0x200000) break;
+      const offset = hi * TWO32 + (lo - want);
+      if (first < 0) first = offset;
+      else if (offset !== first + count * TARGET_PAGE_SIZE) break;
+      if (offset + TARGET_PAGE_SIZE > block.usedLength) break;
+      count++;
+    }
+    if (count === 0) return undefined;
+    this.reader.skip(count * ZERO_RECORD_BYTES);
+    return { block, offset: first, count };
   }
 
   /** The next record, waiting for data as needed. */

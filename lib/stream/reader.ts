@@ -207,6 +207,11 @@ export class StreamReader {
     return (BigInt(this.peekBe32(off)) << 32n) | BigInt(this.peekBe32(off + 4));
   }
 
+  /** The unconsumed rest of the current chunk (no copy; empty when nothing is buffered). */
+  currentView(): Buffer {
+    return this.cur.subarray(this.curPos);
+  }
+
   /** Consumes `n` buffered bytes. */
   skip(n: number): void {
     if (n > this._buffered) throw new RangeError(`skip(${n}) beyond ${this._buffered} buffered bytes`);

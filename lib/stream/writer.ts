@@ -213,6 +213,28 @@ export class StreamWriter {
     this._total += n;
   }
 
+  /**
+   * Reserves `n` contiguous bytes (n <= chunk size) for the caller to fill
+   * right away, before any other put: returns the buffer and the index of
+   * the first reserved byte. For tight encoders of many small records.
+   */
+  /** The most reserve() may ask for. */
+  get maxReserve(): number {
+    return this.chunkSize;
+  }
+
+  reserve(n: number): { buf: Buffer; at: number } {
+    if (this._error || n > this.chunkSize) {
+      if (!this._error) this.setError(new StreamWriteError(`reserve(${n}) exceeds the chunk size ${this.chunkSize}`, 'ERR_INVALID_ARG_VALUE'));
+      return { buf: Buffer.allocUnsafe(n), at: 0 }; // scratch: the writer is failed anyway
+    }
+    this.ensure(n);
+    const at = this.pos;
+    this.pos += n;
+    this._total += n;
+    return { buf: this.chunk, at };
+  }
+
   /** u8 length + bytes (idstr, block names); names over 255 bytes latch an error. */
   putCountedString(s: string): void {
     const b = Buffer.from(s, 'latin1');

@@ -106,11 +106,96 @@ describe('precopy RAM path: chunk recycling, bounded queueing, zero runs', funct
     await p;
   });
 
+  it('zeroRun() writes exactly what zero() per page writes (first record named, the rest CONTINUE)', () => {
+    const a = new StreamWriter({ chunkSize: 4096 }); // small chunks: reservations cross chunk ends
+    const b = new StreamWriter({ chunkSize: 4096 });
+    const ea = new RamEncoder(a);
+    const eb = new RamEncoder(b);
+    for (const [off, n] of [[0, 1], [8 * PAGE, 5000], [0x1_0000_0000, 700]] as const) {
+      ea.zeroRun('pc.ram', off, n);
+      for (let i = 0; i < n; i++) eb.zero('pc.ram', off + i * PAGE);
+    }
+    ea.page('other', 0, Buffer.alloc(PAGE, 7));
+    eb.page('other', 0, Buffer.alloc(PAGE, 7));
+    ea.zeroRun('pc.ram', 3 * PAGE, 3);
+    for (let i = 0; i < 3; i++) eb.zero('pc.ram', (3 + i) * PAGE);
+    assert.ok(a.toBuffer().equals(b.toBuffer()));
+  });
+
+  it('tryZeroRun() parses runs at any chunk boundary and hands gaps, pages and bad fill bytes to tryNext()', async () => {
+    const pages = 6000;
+    const w = new StreamWriter();
+    const enc = new RamEncoder(w);
+    enc.zeroRun('ram', 0, 2500);
+    enc.page('ram', 2500 * PAGE, Buffer.alloc(PAGE, 0x5a));
+    enc.zeroRun('ram', 2501 * PAGE, 1000);
+    enc.zeroRun('ram', 4000 * PAGE, 1999); // a gap before it
+    enc.eos();
+    const stream = w.toBuffer();
+    for (const seed of [1, 2, 3]) {
+      const mem = memory(pages);
+      const view = new Uint8Array(mem.view(0, pages * PAGE));
+      view.fill(0xee); // every page non-zero: each ZERO record must zero its page
+      const reader = new StreamReader();
+      let rnd = seed;
+      for (let at = 0; at < stream.length; ) {
+        rnd = (rnd * 1103515245 + 12345) & 0x7fffffff;
+        const n = 1 + (rnd % 5000);
+        reader.push(stream.subarray(at, at + n));
+        at += n;
+      }
+      reader.end();
+      const loader = new RamLoader(reader, [{ idstr: 'ram', size: pages * PAGE, memory: mem }]);
+      await loader.loadSection();
+      assert.equal(loader.zeroPages, 2500 + 1000 + 1999);
+      assert.equal(loader.pages, 1);
+      const isFill = (p: number, v: number) => view.subarray(p * PAGE, (p + 1) * PAGE).every((b) => b === v);
+      for (const p of [0, 1, 2499, 2501, 3500, 4000, 5998]) assert.ok(isFill(p, 0), `page ${p} not zeroed (seed ${seed})`);
+      assert.ok(isFill(2500, 0x5a));
+      for (const p of [3501, 3999, 5999]) assert.ok(isFill(p, 0xee), `page ${p} was never named but changed (seed ${seed})`);
+    }
+
+    // A non-zero fill byte inside a run is still an error, with its position.
+    const bad = Buffer.from(stream);
+    bad[9 * 100 + 8 + 1 + 3] = 1; // first record carries 'ram' (1 + 3 bytes): record 100's fill byte
+    const mem = memory(pages);
+    const loader = new RamLoader(StreamReader.fromBuffer(bad), [{ idstr: 'ram', size: pages * PAGE, memory: mem }]);
+    await assert.rejects(loader.loadSection(), /fill byte 0x1/);
+  });
+
   function memory(pages: number): GuestMemory {
     const m = new (native().GuestMemory)(pages * PAGE);
     mems.push(m);
     return m;
   }
+
+  it('zero scans skip never-touched pages but see every written one (anonymous and memfd RAM)', () => {
+    for (const opts of [{}, { hugepages: true }, { memfd: true }]) {
+      const pages = 600;
+      const mem = new (native().GuestMemory)(pages * PAGE, opts);
+      mems.push(mem);
+      const view = new Uint8Array(mem.view(0, pages * PAGE));
+      const out = new Uint8Array(pages);
+      mem.scanZeroPages(0, pages, out);
+      assert.ok(out.every((b) => b === 1), `fresh RAM must scan as zero (${JSON.stringify(opts)})`);
+      assert.equal(mem.findNonZero(0, pages * PAGE), -1);
+      view[17 * PAGE + 4095] = 1; // last byte of page 17
+      view[300 * PAGE] = 2;
+      view.fill(0, 301 * PAGE, 302 * PAGE); // written, but with zeros: present and zero
+      view.fill(9, 500 * PAGE, 501 * PAGE);
+      mem.discard(500 * PAGE, PAGE); // discarded: zero again
+      void view[450 * PAGE]; // read only (maps the zero page): still zero
+      mem.scanZeroPages(0, pages, out);
+      const nonZero = [...out].flatMap((b, i) => (b === 0 ? [i] : []));
+      assert.deepEqual(nonZero, [17, 300], JSON.stringify(opts));
+      assert.equal(mem.findNonZero(0, pages * PAGE), 17 * PAGE + 4095);
+      assert.equal(mem.findNonZero(18 * PAGE, 282 * PAGE), -1);
+      assert.equal(mem.findNonZero(18 * PAGE, 283 * PAGE), 300 * PAGE);
+      assert.equal(mem.findNonZero(301 * PAGE, 299 * PAGE), -1);
+      // Unaligned ranges still work (the slow path).
+      assert.equal(mem.findNonZero(17 * PAGE + 100, 4000), 17 * PAGE + 4095);
+    }
+  });
 
   it('applies ZERO runs before later records: non-zero destination pages become zero, a PAGE inside a pending run wins', async () => {
     const mem = memory(64);
