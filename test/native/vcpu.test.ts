@@ -248,7 +248,9 @@ describe(title('native: Vcpu pause and resume'), function () {
         assert.equal(rip, BigInt(CODE_GPA + 2), 'after in');
         assert.equal(al, last.value);
       } else {
-        assert.equal(rip, BigInt(CODE_GPA + 4), 'after out');
+        // The out completed; the kick may land before or after the jmp that follows it
+        // (the vCPU stops between instructions), never on the out itself.
+        assert.ok(rip === BigInt(CODE_GPA + 4) || rip === BigInt(CODE_GPA), `after out: rip 0x${rip.toString(16)}`);
       }
       cpu.resume();
     }
