@@ -8,45 +8,11 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
-import os from 'node:os';
 import path from 'node:path';
 
 import { parseGuestLine, type GuestLine } from '../../lib/guests';
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-/** Polls `probe` every `intervalMs` until it returns something other than undefined/false. */
-export async function waitFor<T>(
-  what: string,
-  timeoutMs: number,
-  probe: () => T | undefined | false | Promise<T | undefined | false>,
-  detail?: () => string,
-  intervalMs = 20,
-): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${detail ? `\n${detail()}` : ''}`);
-    await sleep(intervalMs);
-  }
-}
-
-/** A temp directory removed by cleanup(). */
-export class TempDir {
-  readonly path: string;
-  constructor(prefix = 'ferry-bench-') {
-    this.path = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  }
-  file(name: string): string {
-    return path.join(this.path, name);
-  }
-  cleanup(): void {
-    fs.rmSync(this.path, { recursive: true, force: true });
-  }
-}
+export { sleep, waitFor, TempDir } from '../../lib/util/wait';
 
 /** A child process with stdout/stderr captured (bounded) and its exit observable. */
 export class Proc {

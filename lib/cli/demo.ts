@@ -10,6 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { parseGuestOutput } from '../guests';
 import { QmpClient } from '../qmp/client';
+import { waitFor } from '../util/wait';
 import { formatSummary, runMigrate } from './migrate';
 
 export interface DemoOptions {
@@ -25,16 +26,6 @@ function startFerry(args: string[], log: string): ChildProcess {
   const child = spawn(process.execPath, [MAIN, 'run', ...args], { stdio: ['ignore', out, out] });
   fs.closeSync(out);
   return child;
-}
-
-async function waitFor<T>(what: string, timeoutMs: number, probe: () => T | undefined | Promise<T | undefined>): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined) return v;
-    if (Date.now() > end) throw new Error(`ferry demo: timed out after ${timeoutMs / 1000} s waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 function ticks(file: string) {

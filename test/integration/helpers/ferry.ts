@@ -11,7 +11,6 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
-import os from 'node:os';
 import path from 'node:path';
 
 import { parseGuestOutput, type GuestLine } from '../../../lib/guests';
@@ -21,40 +20,8 @@ import { QmpClient } from '../../../lib/qmp/client';
 export const FERRY_MAIN = path.resolve(__dirname, '..', '..', '..', 'lib', 'cli', 'main.js');
 export const HAVE_KVM = fs.existsSync('/dev/kvm');
 
-export function sleep(ms: number): Promise<void> {
-  return new Promise((r) => setTimeout(r, ms));
-}
-
-/** Polls `probe` every `intervalMs` until it returns something other than undefined/false. */
-export async function waitFor<T>(
-  what: string,
-  timeoutMs: number,
-  probe: () => T | undefined | false | Promise<T | undefined | false>,
-  onTimeout?: () => string,
-  intervalMs = 25,
-): Promise<T> {
-  const end = Date.now() + timeoutMs;
-  for (;;) {
-    const v = await probe();
-    if (v !== undefined && v !== false) return v;
-    if (Date.now() > end) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}${onTimeout ? `\n${onTimeout()}` : ''}`);
-    await sleep(intervalMs);
-  }
-}
-
-/** A temp directory removed by cleanup(). */
-export class TempDir {
-  readonly path: string;
-  constructor(prefix = 'ferry-test-') {
-    this.path = fs.mkdtempSync(path.join(os.tmpdir(), prefix));
-  }
-  file(name: string): string {
-    return path.join(this.path, name);
-  }
-  cleanup(): void {
-    fs.rmSync(this.path, { recursive: true, force: true });
-  }
-}
+export { sleep, waitFor, TempDir } from '../../../lib/util/wait';
+import { sleep, waitFor, type TempDir } from '../../../lib/util/wait';
 
 export interface Exit {
   code: number | null;
