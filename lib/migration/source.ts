@@ -14,6 +14,7 @@
 import { EventEmitter } from 'node:events';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { OutgoingChannel } from '../transport/types';
+import { encodeBe32Payload } from '../stream/commands';
 import { MIG_CMD, SectionType, TARGET_PAGE_SIZE } from '../stream/constants';
 import { GLOBALSTATE_VMSD, TIMER_VMSD, globalState, timerState } from '../stream/devices';
 import { RamEncoder } from '../stream/ram-codec';
@@ -144,7 +145,7 @@ export class OutgoingMigration extends EventEmitter {
       if (!channel.returnPath) throw new Error(`return-path capability needs a bidirectional channel (${channel.describe()} has none)`);
       this.openReturnPath(channel);
       w.command(MIG_CMD.OPEN_RETURN_PATH);
-      w.command(MIG_CMD.PING, be32(1));
+      w.command(MIG_CMD.PING, encodeBe32Payload(1));
     }
 
     m.dirtyLogStart();
@@ -163,7 +164,7 @@ export class OutgoingMigration extends EventEmitter {
     this.state.setState('setup', 'active');
 
     // Iterate until the remaining dirty RAM fits in the downtime limit.
-    let sample = this.stats.bandwidthWindow({ downtimeLimitMs: this.downtimeLimit(), availSwitchoverBandwidth: this.availBandwidth() });
+    this.closeBandwidthWindow();
     let windowStart = performance.now();
     let windowBytes = 0;
     for (;;) {
@@ -199,7 +200,7 @@ export class OutgoingMigration extends EventEmitter {
       w.footer(RAM_SECTION);
       await w.flush();
       this.stats.setRemainingPages(sender.dirtyPages);
-      sample = this.stats.bandwidthWindow({ downtimeLimitMs: this.downtimeLimit(), availSwitchoverBandwidth: this.availBandwidth() }) ?? sample;
+      this.closeBandwidthWindow();
       this.emit('progress');
 
       // QEMU's rule: an estimate under the threshold triggers an exact count (a dirty-log sync);
@@ -240,6 +241,11 @@ export class OutgoingMigration extends EventEmitter {
     const zeroBytes = zero * 9;
     this.stats.onZeroPage(Math.min(bytes, zeroBytes), zero);
     this.stats.onPageSent(Math.max(0, bytes - zeroBytes), normal);
+  }
+
+  /** Closes the 100 ms bandwidth window when due (threshold, mbps, expected downtime). */
+  private closeBandwidthWindow(): void {
+    this.stats.bandwidthWindow({ downtimeLimitMs: this.downtimeLimit(), availSwitchoverBandwidth: this.availBandwidth() });
   }
 
   private downtimeLimit(): number {
@@ -394,12 +400,6 @@ export class OutgoingMigration extends EventEmitter {
       st.tryTransition('failed');
     }
   }
-}
-
-function be32(v: number): Buffer {
-  const b = Buffer.allocUnsafe(4);
-  b.writeUInt32BE(v >>> 0, 0);
-  return b;
 }
 
 /** error-desc: the message plus the root cause's code where it adds information. */

@@ -118,18 +118,8 @@ const RUNNING: ReadonlySet<MigrationStatus> = new Set<MigrationStatus>([
   'cancelling',
 ]);
 
-const SETUP_OR_ACTIVE: ReadonlySet<MigrationStatus> = new Set<MigrationStatus>([
-  'setup',
-  'active',
-  'postcopy-active',
-  'postcopy-paused',
-  'postcopy-recover-setup',
-  'postcopy-recover',
-  'pre-switchover',
-  'device',
-  'wait-unplug',
-  'colo',
-]);
+/** QEMU's migration_is_setup_or_active: the running set without cancelling, plus colo. */
+const SETUP_OR_ACTIVE: ReadonlySet<MigrationStatus> = new Set<MigrationStatus>([...[...RUNNING].filter((x) => x !== 'cancelling'), 'colo']);
 
 const POSTCOPY: ReadonlySet<MigrationStatus> = new Set<MigrationStatus>([
   'postcopy-active',
