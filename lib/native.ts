@@ -42,6 +42,14 @@ export interface GuestMemory {
    */
   scanZeroPages(offset: number, pages: number, out: Uint8Array): void;
   /**
+   * Copies the leading run of complete `PAGE | CONTINUE` RAM records in `src`
+   * (be64 offset|flags, 4096 bytes) into the block at [blockOffset,
+   * +blockLength) of this mapping. Returns the bytes consumed (a multiple of
+   * 4104); stops, consuming nothing more, at a record of another kind, an
+   * incomplete one, or one whose offset is outside the block.
+   */
+  loadPageRecords(src: Uint8Array, blockOffset: number, blockLength: number): number;
+  /**
    * Detach every view, munmap, close the backing fd. Idempotent. Afterwards
    * methods throw ERR_MEMORY_CLOSED; views read as length 0.
    */
@@ -327,6 +335,8 @@ export interface Binding {
   /** flags: O_CLOEXEC | O_NONBLOCK are always added. useDevice: open /dev/userfaultfd instead of the syscall. */
   Uffd: new (useDevice?: boolean) => Uffd;
   FdPoller: new (fd: number) => FdPoller;
+  /** read(2) on a non-blocking fd into buf: bytes read (0 = EOF), null on EAGAIN. */
+  readInto(fd: number, buf: Uint8Array): number | null;
   /** recvmsg on a non-blocking socket fd: bytes read into buf and any SCM_RIGHTS fds (O_CLOEXEC). null on EAGAIN; bytes 0 = EOF. */
   recvWithFds(fd: number, buf: Uint8Array): { bytes: number; fds: number[]; truncated?: true } | null;
   /**

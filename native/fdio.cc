@@ -192,6 +192,24 @@ class FdPoller : public Napi::ObjectWrap<FdPoller> {
   std::unique_ptr<Napi::AsyncContext> ctx_;
 };
 
+// readInto(fd, buf) -> bytes read (0 = EOF) | null on EAGAIN. For readers
+// that recycle their buffers (Node's socket reads allocate one per read).
+Napi::Value ReadInto(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgInt(info, 0, "fd");
+  size_t len = 0;
+  uint8_t* buf = ArgBytes(info, 1, "buf", &len);
+  ssize_t n;
+  do {
+    n = ::read(fd, buf, len);
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
+    ThrowSystemError(env, errno, "read", "readInto");
+  }
+  return Napi::Number::New(env, static_cast<double>(n));
+}
+
 // recvWithFds(fd, buf) -> { bytes, fds, truncated? } | null on EAGAIN
 Napi::Value RecvWithFds(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -373,6 +391,7 @@ Napi::Object Constants(Napi::Env env) {
 
 void InitFdio(Napi::Env env, Napi::Object exports) {
   exports.Set("FdPoller", FdPoller::Class(env));
+  exports.Set("readInto", Napi::Function::New(env, ReadInto, "readInto"));
   exports.Set("recvWithFds", Napi::Function::New(env, RecvWithFds, "recvWithFds"));
   exports.Set("sendWithFds", Napi::Function::New(env, SendWithFds, "sendWithFds"));
   exports.Set("constants", Constants(env));

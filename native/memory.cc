@@ -26,6 +26,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -85,6 +86,7 @@ Napi::Function GuestMemory::Class(Napi::Env env) {
                          InstanceMethod<&GuestMemory::Discard>("discard"),
                          InstanceMethod<&GuestMemory::FindNonZero>("findNonZero"),
                          InstanceMethod<&GuestMemory::ScanZeroPages>("scanZeroPages"),
+                         InstanceMethod<&GuestMemory::LoadPageRecords>("loadPageRecords"),
                          InstanceMethod<&GuestMemory::Close>("close"),
                          InstanceAccessor<&GuestMemory::GetSize>("size"),
                          InstanceAccessor<&GuestMemory::GetAddress>("address"),
@@ -350,6 +352,35 @@ Napi::Value GuestMemory::ScanZeroPages(const Napi::CallbackInfo& info) {
   }
   for (uint64_t i = 0; i < pages; i++) out[i] = PageIsZero(p + i * kPage) ? 1 : 0;
   return env.Undefined();
+}
+
+// The destination's hot loop (profiled at ~40% of its CPU in JS): a run of
+// QEMU RAM records "be64 (offset | PAGE | CONTINUE), 4096 bytes" copied into
+// one block. Stops at the first record that is incomplete, of another kind,
+// or outside the block, and leaves it to the JavaScript parser, which owns
+// every error message; so this loop needs no error path of its own.
+Napi::Value GuestMemory::LoadPageRecords(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  auto [src, srcLen] = ArgBytes(info, 0, "src");
+  uint64_t blockOffset = ArgU64(info, 1, "blockOffset");
+  uint64_t blockLength = ArgU64(info, 2, "blockLength");
+  CheckRange(env, blockOffset, blockLength, true);
+  constexpr uint64_t kFlagsMask = kPage - 1;
+  constexpr uint64_t kPageContinue = 0x08 | 0x20;  // RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE
+  constexpr size_t kRecord = 8 + kPage;
+  uint8_t* block = base_ + blockOffset;
+  size_t at = 0;
+  while (srcLen - at >= kRecord) {
+    uint64_t word = 0;
+    for (int i = 0; i < 8; i++) word = (word << 8) | src[at + i];
+    uint64_t offset = word & ~kFlagsMask;
+    if ((word & kFlagsMask) != kPageContinue || offset >= blockLength) break;
+    // SAFETY: offset is page-aligned and below blockLength, and the block
+    // lies inside the mapping (CheckRange), so the page is guest RAM.
+    memcpy(block + offset, src + at + 8, kPage);
+    at += kRecord;
+  }
+  return Napi::Number::New(env, static_cast<double>(at));
 }
 
 Napi::Value GuestMemory::Close(const Napi::CallbackInfo& info) {

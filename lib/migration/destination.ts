@@ -16,6 +16,8 @@ import type { IncomingChannel } from '../transport/types';
 import { MIG_CMD, SectionType } from '../stream/constants';
 import { GLOBALSTATE_VMSD, TIMER_VMSD, runstateOf } from '../stream/devices';
 import { StreamError, printable } from '../stream/errors';
+import { native } from '../native';
+import { FdSource } from '../stream/fd-source';
 import { StreamReader } from '../stream/reader';
 import { SectionParser, type StreamItem } from '../stream/sections';
 import { loadVmState, type VmStateDescription } from '../stream/vmstate';
@@ -42,6 +44,7 @@ export interface IncomingOptions {
 export class IncomingMigration extends EventEmitter {
   private rp: RpWriter | undefined;
   private channel: IncomingChannel | undefined;
+  private fdSource: FdSource | undefined;
   private failure: Error | undefined;
 
   constructor(
@@ -59,6 +62,7 @@ export class IncomingMigration extends EventEmitter {
 
   /** Aborts a load in progress (the guest stays in inmigrate, never runs). */
   abort(err: Error): void {
+    this.fdSource?.close(err);
     this.channel?.destroy(err);
   }
 
@@ -73,7 +77,11 @@ export class IncomingMigration extends EventEmitter {
       const channel = await accept();
       this.channel = channel;
       st.tryTransition('active');
-      await this.load(channel);
+      try {
+        await this.load(channel);
+      } finally {
+        this.fdSource?.close();
+      }
       this.rp?.shut(false);
       st.tryTransition('completed');
       await channel.close();
@@ -88,7 +96,7 @@ export class IncomingMigration extends EventEmitter {
 
   private async load(channel: IncomingChannel): Promise<void> {
     const m = this.machine;
-    const reader = StreamReader.fromReadable(channel.stream, { highWaterMark: READ_AHEAD });
+    const reader = this.openReader(channel);
     const parser = new SectionParser(reader, { expectMachine: m.configName });
     const ram = new RamLoader(reader, m.ramBlocks);
     const devices: DeviceStateSection[] = [];
@@ -144,6 +152,15 @@ export class IncomingMigration extends EventEmitter {
     if (!sawRamEnd) throw streamError('stream ended without the final RAM section', reader.position);
     await m.loadDevices(devices);
     await this.startGuest(runState);
+  }
+
+  /** Reads the socket's fd natively when the channel allows it (recycled buffers), else the Node stream. */
+  private openReader(channel: IncomingChannel): StreamReader {
+    const fd = channel.readFd?.();
+    if (fd === undefined) return StreamReader.fromReadable(channel.stream, { highWaterMark: READ_AHEAD });
+    const reader = new StreamReader();
+    this.fdSource = new FdSource(native(), fd, reader);
+    return reader;
   }
 
   private vmsdFor(idstr: string, instanceId: number): VmStateDescription | undefined {

@@ -17,7 +17,7 @@
  *    every offset against the destination's own blocks before any copy.
  */
 import type { GuestMemory } from '../native';
-import { TARGET_PAGE_SIZE } from '../stream/constants';
+import { RAM_FLAG, TARGET_PAGE_SIZE } from '../stream/constants';
 import type { StreamReader } from '../stream/reader';
 import { RamEncoder, RamRecordParser, type RamBlockInfo, type RamRecord } from '../stream/ram-codec';
 import type { StreamWriter } from '../stream/writer';
@@ -34,6 +34,8 @@ export interface RamBlockRef {
 
 const VIEW_SPAN = 1 << 30; // one external ArrayBuffer per GiB of guest RAM
 const RUN_MAX = 256; // most pages per zero scan (1 MiB)
+const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE; // be64 header + page, with CONTINUE
+const PAGE_CONTINUE = RAM_FLAG.PAGE | RAM_FLAG.CONTINUE; // low byte of such a header
 
 /** Page views over one block, one ArrayBuffer per GiB. */
 class BlockViews {
@@ -221,6 +223,7 @@ export class RamLoader {
   async loadSection(): Promise<void> {
     const parser = this.parser;
     for (;;) {
+      if (this.tryPageRun()) continue;
       const run = parser.tryZeroRun();
       if (run) {
         this.addZeros(this.byName.get(run.block.idstr)!, run.offset, run.count);
@@ -246,6 +249,25 @@ export class RamLoader {
           return;
       }
     }
+  }
+
+  /**
+   * Fast path for the common run of PAGE records with CONTINUE: the native
+   * loop copies every complete one in the current chunk into the last named
+   * block (it stops at anything else, which the parser then handles).
+   */
+  private tryPageRun(): boolean {
+    const block = this.parser.lastBlock;
+    if (!block) return false;
+    const src = this.parser.reader.currentView();
+    if (src.length < PAGE_RECORD_BYTES || src[7] !== PAGE_CONTINUE || (src[6]! & 0x0f) !== 0) return false;
+    if (this.zeroViews) this.applyZeros();
+    const ref = this.byName.get(block.idstr)!.block;
+    const n = ref.memory.loadPageRecords(src, ref.memOffset ?? 0, ref.size);
+    if (n === 0) return false;
+    this.parser.reader.skip(n);
+    this.pages += n / PAGE_RECORD_BYTES;
+    return true;
   }
 
   /** Adds `count` ZERO records from `offset` to the pending run (applying the old run if not adjacent). */

@@ -25,7 +25,8 @@ import {
   type QmpEvent,
   type QmpGreeting,
 } from './protocol';
-import { fdBinding, socketFd } from './reader';
+import { socketFd } from '../util/socket-fd';
+import { fdBinding } from './reader';
 
 export interface QmpConnectOptions {
   /** Send qmp_capabilities after the greeting (default true). */

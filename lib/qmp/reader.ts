@@ -14,6 +14,7 @@
  */
 import type net from 'node:net';
 import { native, type Binding, type FdPoller } from '../native';
+import { socketFd } from '../util/socket-fd';
 
 export interface ReaderCallbacks {
   onData(chunk: Buffer, fds: number[]): void;
@@ -29,12 +30,6 @@ export interface ConnectionReader {
   resume(): void;
   /** Stop for good; releases the poller. Does not destroy the socket. */
   close(): void;
-}
-
-/** The raw fd under a net.Socket (no public API; -1 when unknown). */
-export function socketFd(socket: net.Socket): number {
-  const fd = (socket as unknown as { _handle?: { fd?: unknown } })._handle?.fd;
-  return typeof fd === 'number' ? fd : -1;
 }
 
 let binding: Binding | null | undefined;

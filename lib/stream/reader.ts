@@ -56,6 +56,7 @@ export class StreamReader {
   private detachSource: (() => void) | undefined;
   private readonly highWater: number;
   private readonly lowWater: number;
+  private recycle: ((chunk: Buffer) => void) | undefined;
 
   constructor(opts: ReaderOptions = {}) {
     this.highWater = opts.highWaterMark ?? 16 << 20;
@@ -115,6 +116,15 @@ export class StreamReader {
     this.source = undefined;
     const rest = this._buffered > 0 ? this.takeBuffered() : EMPTY;
     return rest;
+  }
+
+  /**
+   * Hands every pushed chunk back to `fn` once it is consumed, so a source can
+   * reuse its buffers. Views returned by peek()/peekView()/currentView() are
+   * valid only until the reader moves past their chunk.
+   */
+  recycleChunks(fn: (chunk: Buffer) => void): void {
+    this.recycle = fn;
   }
 
   /** Queues a chunk (not copied: the caller must not modify it afterwards). */
@@ -255,8 +265,9 @@ export class StreamReader {
 
   /**
    * A view of the next `n` buffered bytes without consuming them: a subarray
-   * of the current chunk when contiguous, else a copy. Valid until the next
-   * push()/consume only in the copy case's sense; chunks are never reused.
+   * of the current chunk when contiguous, else a copy. A subarray stays
+   * valid unless the source recycles chunks (recycleChunks): then only until
+   * the reader moves past the chunk.
    */
   peekView(n: number): Uint8Array {
     const c = this.cur;
@@ -429,6 +440,7 @@ export class StreamReader {
   }
 
   private nextChunk(): void {
+    if (this.recycle && this.cur !== EMPTY) this.recycle(this.cur);
     this.qi++;
     if (this.qi < this.queue.length) {
       this.cur = this.queue[this.qi]!;
@@ -448,6 +460,9 @@ export class StreamReader {
     const parts: Buffer[] = [this.cur.subarray(this.curPos)];
     for (let i = this.qi + 1; i < this.queue.length; i++) parts.push(this.queue[i]!);
     const out = Buffer.concat(parts);
+    if (this.recycle) {
+      for (let i = this.qi; i < this.queue.length; i++) this.recycle(this.queue[i]!);
+    }
     this.consumed += this._buffered;
     this._buffered = 0;
     this.queue.length = 0;

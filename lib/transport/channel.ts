@@ -9,6 +9,8 @@
 import type net from 'node:net';
 import type { Readable, Writable } from 'node:stream';
 import { finished } from 'node:stream/promises';
+
+import { socketFd } from '../util/socket-fd';
 import type { MigrationAddress } from './address';
 import { formatMigrationAddress } from './address';
 import { transportError } from './errors';
@@ -47,6 +49,8 @@ export class SocketChannel {
     socket: net.Socket,
     private readonly peer: string | undefined,
     private readonly closeTimeoutMs: number,
+    /** Accepted paused (pauseOnConnect): Node has not read from it. */
+    private readonly unread = false,
   ) {
     this.uri = formatMigrationAddress(address);
     this.stream = socket;
@@ -60,6 +64,14 @@ export class SocketChannel {
 
   get error(): Error | undefined {
     return this.firstError;
+  }
+
+  readFd(): number | undefined {
+    const s = this.stream;
+    // Only while Node has neither read nor been asked to (no flowing, no 'readable' consumer).
+    if (!this.unread || s.destroyed || s.readableFlowing !== null || s.readableLength > 0 || s.listenerCount('readable') > 0) return undefined;
+    const fd = socketFd(s);
+    return fd >= 0 ? fd : undefined;
   }
 
   describe(): string {

@@ -204,7 +204,11 @@ export class SocketListener implements IncomingListener {
       return;
     }
     tuneSocket(socket, this.address);
-    const ch = new SocketChannel(this.address, socket, describeRemote(socket), this.opts.closeTimeoutMs ?? DEFAULT_CLOSE_TIMEOUT_MS);
+    // pauseOnConnect left the stream explicitly paused; back to "no consumer
+    // yet", so a 'data' listener starts the flow as on any socket.
+    // (Readable has the setter; @types/node declares it read-only.)
+    (socket as { readableFlowing: boolean | null }).readableFlowing = null;
+    const ch = new SocketChannel(this.address, socket, describeRemote(socket), this.opts.closeTimeoutMs ?? DEFAULT_CLOSE_TIMEOUT_MS, true);
     const w = this.waiters.shift();
     if (w) {
       this.handedOut.add(ch);
@@ -270,7 +274,9 @@ export async function listenSocket(addr: InetAddress | UnixAddress, opts: Transp
   const uri = formatMigrationAddress(addr);
   const hwm = opts.highWaterMark ?? DEFAULT_HIGH_WATER_MARK;
   if (opts.signal?.aborted) throw abortError(uri, 'listen', opts.signal);
-  const server = net.createServer({ allowHalfOpen: true, highWaterMark: hwm });
+  // Paused: Node must not read ahead on its own, so a native reader can take
+  // the fd (IncomingChannel.readFd).
+  const server = net.createServer({ allowHalfOpen: true, highWaterMark: hwm, pauseOnConnect: true });
   let bound: MigrationAddress;
   try {
     if (addr.type === 'unix') {

@@ -66,6 +66,13 @@ export interface IncomingChannel extends ChannelCommon {
   readonly stream: Readable;
   /** For sockets the same net.Socket as `stream`; absent for exec, file and pipes. */
   readonly returnPath?: Writable;
+  /**
+   * For an accepted tcp/unix connection that nothing has read yet: the
+   * socket's fd, for a reader that reads it natively (lib/stream/fd-source).
+   * The caller then must not read `stream` until it has stopped reading the
+   * fd. Undefined when unavailable (read `stream` instead).
+   */
+  readFd?(): number | undefined;
 }
 
 export interface IncomingListener {

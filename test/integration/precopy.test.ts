@@ -97,6 +97,8 @@ describe(HAVE_KVM ? 'precopy live migration (two ferry processes, KVM)' : 'preco
     guests = [src, dst];
     await waitForTicks(src.serial, 3, 60_000, src.proc);
     assertCompleted(await migrateAndWait(src, uri));
+    // Without the return path the source completes once the stream is sent; the destination may still be loading.
+    assert.equal((await waitStatus(dst.qmp, ['completed', 'failed'], 30_000)).status, 'completed');
     assert.equal(await status(dst.qmp), 'paused');
     const [a, b] = await Promise.all([ramHash(dir, src, 'src', GIB), ramHash(dir, dst, 'dst', GIB)]);
     assert.equal(b, a, 'destination RAM differs from the source');
