@@ -50,6 +50,13 @@ export interface GuestMemory {
    */
   loadPageRecords(src: Uint8Array, blockOffset: number, blockLength: number): number;
   /**
+   * Writes RAM records with CONTINUE for `pages` consecutive pages from
+   * memOffset into out at outPos: ZERO (9 bytes) for a zero page, else PAGE +
+   * the page; headers carry blockOffset + i * 4096. out must have room for
+   * pages * 4104 bytes. Returns the bytes written.
+   */
+  encodePageRecords(memOffset: number, blockOffset: number, pages: number, out: Uint8Array, outPos: number): number;
+  /**
    * Detach every view, munmap, close the backing fd. Idempotent. Afterwards
    * methods throw ERR_MEMORY_CLOSED; views read as length 0.
    */
@@ -335,6 +342,11 @@ export interface Binding {
   /** flags: O_CLOEXEC | O_NONBLOCK are always added. useDevice: open /dev/userfaultfd instead of the syscall. */
   Uffd: new (useDevice?: boolean) => Uffd;
   FdPoller: new (fd: number) => FdPoller;
+  /**
+   * SO_SNDBUF (send) or SO_RCVBUF of a socket fd; returns what the kernel
+   * settled on (capped by net.core.wmem_max/rmem_max, reported doubled).
+   */
+  setSocketBuffer(fd: number, send: boolean, bytes: number): number;
   /** read(2) on a non-blocking fd into buf: bytes read (0 = EOF), null on EAGAIN. */
   readInto(fd: number, buf: Uint8Array): number | null;
   /** recvmsg on a non-blocking socket fd: bytes read into buf and any SCM_RIGHTS fds (O_CLOEXEC). null on EAGAIN; bytes 0 = EOF. */

@@ -210,6 +210,21 @@ Napi::Value ReadInto(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(n));
 }
 
+// setSocketBuffer(fd, send, bytes) -> the size the kernel settled on
+// (SO_SNDBUF when send, else SO_RCVBUF; capped by net.core.[wr]mem_max, and
+// reported doubled, as Linux keeps room for its own bookkeeping).
+Napi::Value SetSocketBuffer(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgInt(info, 0, "fd");
+  int opt = info[1].ToBoolean() ? SO_SNDBUF : SO_RCVBUF;
+  int bytes = ArgInt(info, 2, "bytes");
+  if (setsockopt(fd, SOL_SOCKET, opt, &bytes, sizeof bytes) < 0) ThrowSystemError(env, errno, "setsockopt", "setSocketBuffer");
+  int now = 0;
+  socklen_t len = sizeof now;
+  if (getsockopt(fd, SOL_SOCKET, opt, &now, &len) < 0) ThrowSystemError(env, errno, "getsockopt", "setSocketBuffer");
+  return Napi::Number::New(env, now);
+}
+
 // recvWithFds(fd, buf) -> { bytes, fds, truncated? } | null on EAGAIN
 Napi::Value RecvWithFds(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -391,6 +406,7 @@ Napi::Object Constants(Napi::Env env) {
 
 void InitFdio(Napi::Env env, Napi::Object exports) {
   exports.Set("FdPoller", FdPoller::Class(env));
+  exports.Set("setSocketBuffer", Napi::Function::New(env, SetSocketBuffer, "setSocketBuffer"));
   exports.Set("readInto", Napi::Function::New(env, ReadInto, "readInto"));
   exports.Set("recvWithFds", Napi::Function::New(env, RecvWithFds, "recvWithFds"));
   exports.Set("sendWithFds", Napi::Function::New(env, SendWithFds, "sendWithFds"));

@@ -87,6 +87,7 @@ Napi::Function GuestMemory::Class(Napi::Env env) {
                          InstanceMethod<&GuestMemory::FindNonZero>("findNonZero"),
                          InstanceMethod<&GuestMemory::ScanZeroPages>("scanZeroPages"),
                          InstanceMethod<&GuestMemory::LoadPageRecords>("loadPageRecords"),
+                         InstanceMethod<&GuestMemory::EncodePageRecords>("encodePageRecords"),
                          InstanceMethod<&GuestMemory::Close>("close"),
                          InstanceAccessor<&GuestMemory::GetSize>("size"),
                          InstanceAccessor<&GuestMemory::GetAddress>("address"),
@@ -381,6 +382,42 @@ Napi::Value GuestMemory::LoadPageRecords(const Napi::CallbackInfo& info) {
     at += kRecord;
   }
   return Napi::Number::New(env, static_cast<double>(at));
+}
+
+// The source's hot loop: records for `pages` consecutive pages from
+// memOffset, all with CONTINUE (the caller has named the block already): a
+// zero page as ZERO (9 bytes), any other as PAGE + its 4096 bytes, written
+// into out at outPos. The caller reserves pages * 4104 bytes; the return
+// value is how many were used (so pages sent as ZERO = (reserved - used) / 4095).
+Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  uint64_t memOffset = ArgU64(info, 0, "memOffset");
+  uint64_t blockOffset = ArgU64(info, 1, "blockOffset", 1ULL << 52);
+  uint64_t pages = ArgU64(info, 2, "pages", size_ / kPage);
+  auto [out, outLen] = ArgBytes(info, 3, "out");
+  uint64_t outPos = ArgU64(info, 4, "outPos");
+  CheckRange(env, memOffset, pages * kPage, true);
+  if (blockOffset % kPage != 0) ThrowRangeError(env, "blockOffset must be a multiple of 4096");
+  if (outPos > outLen || pages * (8 + kPage) > outLen - outPos) ThrowRangeError(env, "out has no room for pages * 4104 bytes");
+  const uint8_t* src = base_ + memOffset;
+  std::vector<uint8_t> absent;
+  bool haveAbsent = pages >= 16 && AbsentPages(mapping_, src, pages, absent);
+  uint8_t* o = out + outPos;
+  for (uint64_t i = 0; i < pages; i++) {
+    const uint8_t* page = src + i * kPage;
+    bool zero = (haveAbsent && absent[i]) || PageIsZero(page);
+    uint64_t word = (blockOffset + i * kPage) | (zero ? 0x02 | 0x20 : 0x08 | 0x20);  // ZERO or PAGE, | CONTINUE
+    for (int b = 7; b >= 0; b--, word >>= 8) o[b] = static_cast<uint8_t>(word);
+    o += 8;
+    if (zero) {
+      *o++ = 0;
+    } else {
+      // SAFETY: page lies in the mapping (CheckRange); o has room (checked above).
+      memcpy(o, page, kPage);
+      o += kPage;
+    }
+  }
+  return Napi::Number::New(env, static_cast<double>(o - (out + outPos)));
 }
 
 Napi::Value GuestMemory::Close(const Napi::CallbackInfo& info) {

@@ -167,8 +167,15 @@ export async function waitGuestReady(vm: Vm, ticks: number, timeoutMs: number): 
 export async function checkGuestTicking(vm: Vm, ticks: number, timeoutMs: number): Promise<{ n: number; errors: number; verified: number }> {
   vm.serial.poll();
   const seen = vm.serial.ticks().length;
-  const status = (await vm.qmp.execute('query-status')) as { status: string };
-  if (status.status !== 'running') throw new Error(`destination ${vm.proc.label} is '${status.status}', not running`);
+  // Without the return path the source completes once the stream is sent: the destination
+  // may still be loading what its socket and read buffers hold.
+  let status = '';
+  const deadline = Date.now() + 5000;
+  do {
+    status = ((await vm.qmp.execute('query-status')) as { status: string }).status;
+    if (status === 'inmigrate') await sleep(10);
+  } while (status === 'inmigrate' && Date.now() < deadline);
+  if (status !== 'running') throw new Error(`destination ${vm.proc.label} is '${status}', not running`);
   await waitFor(
     `${ticks} ticks after the migration on ${vm.proc.label}`,
     timeoutMs,

@@ -98,6 +98,19 @@ export class PageBitmap {
     return page < this.pages ? page : -1;
   }
 
+  /** Clears `n` pages from `page` (whole words at a time). */
+  clearRange(page: number, n: number): void {
+    const w = this.words;
+    let p = page;
+    const end = Math.min(page + n, this.pages);
+    while (p < end) {
+      const bit = p & 31;
+      const k = Math.min(32 - bit, end - p);
+      w[p >>> 5]! &= k === 32 ? 0 : ~(((1 << k) - 1) << bit);
+      p += k;
+    }
+  }
+
   /** Length of the run of set pages starting at `page`, at most `max`. */
   runLength(page: number, max: number): number {
     let n = 0;

@@ -36,6 +36,8 @@ const VIEW_SPAN = 1 << 30; // one external ArrayBuffer per GiB of guest RAM
 const RUN_MAX = 256; // most pages per zero scan (1 MiB)
 const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE; // be64 header + page, with CONTINUE
 const PAGE_CONTINUE = RAM_FLAG.PAGE | RAM_FLAG.CONTINUE; // low byte of such a header
+const ZERO_RECORD_BYTES = 9; // be64 header + fill byte, with CONTINUE
+const MIN_NATIVE_RUN = 16; // pages: the native zero check consults the page map from 16 pages up
 
 /** Page views over one block, one ArrayBuffer per GiB. */
 class BlockViews {
@@ -139,14 +141,18 @@ export class RamSender {
   /**
    * Encodes dirty pages until `maxBytes` have been added to the writer or no
    * dirty page is left. Returns true when the bitmaps are empty.
+   *
+   * Runs of dirty pages go to the native encoder straight from guest memory
+   * into the writer's chunk (zero check, header, copy); JS only walks the
+   * bitmap and names the block where CONTINUE cannot be used.
    */
   encodeSome(maxBytes: number): boolean {
-    const w = this.enc.w;
+    const enc = this.enc;
+    const w = enc.w;
     const start = w.totalBytes;
-    const scan = this.zeroScan;
     while (this.dirty > 0) {
       const b = this.blocks[this.blockIndex]!;
-      let page = b.bitmap.next(b.cursor);
+      const page = b.bitmap.next(b.cursor);
       if (page < 0) {
         b.cursor = 0;
         this.blockIndex = (this.blockIndex + 1) % this.blocks.length;
@@ -156,32 +162,45 @@ export class RamSender {
       // a run may still overshoot when they turn out zero: bounded by RUN_MAX).
       const room = Math.ceil((maxBytes - (w.totalBytes - start)) / TARGET_PAGE_SIZE);
       const run = b.bitmap.runLength(page, Math.max(1, Math.min(RUN_MAX, room)));
-      const memOffset = (b.ref.memOffset ?? 0) + page * TARGET_PAGE_SIZE;
-      b.ref.memory.scanZeroPages(memOffset, run, scan);
-      const idstr = b.ref.idstr;
-      for (let i = 0; i < run; ) {
-        b.bitmap.clear(page);
-        if (scan[i]) {
-          // Zero pages come in long runs (untouched RAM): encode a run at once.
-          let n = 1;
-          while (i + n < run && scan[i + n]) b.bitmap.clear(page + n++);
-          this.enc.zeroRun(idstr, page * TARGET_PAGE_SIZE, n);
-          this.counts.duplicate += n;
-          i += n;
-          page += n;
-        } else {
-          const offset = page * TARGET_PAGE_SIZE;
-          this.enc.page(idstr, offset, b.views.page(offset), true);
-          this.counts.normal++;
-          i++;
-          page++;
-        }
+      b.bitmap.clearRange(page, run);
+      const memBase = b.ref.memOffset ?? 0;
+      let i = 0;
+      if (enc.lastBlock !== b.ref.idstr) {
+        this.encodeNamed(b, page);
+        i = 1;
+      }
+      while (i < run && !w.error) {
+        // What fits the current chunk, but at least MIN_NATIVE_RUN pages (else a fresh chunk):
+        // the zero check of short runs reads never-touched pages instead of asking the page map.
+        let n = Math.min(run - i, Math.floor(w.room / PAGE_RECORD_BYTES));
+        if (n < MIN_NATIVE_RUN) n = Math.min(run - i, Math.floor(w.maxReserve / PAGE_RECORD_BYTES));
+        const offset = (page + i) * TARGET_PAGE_SIZE;
+        const { buf, at } = w.reserve(n * PAGE_RECORD_BYTES);
+        const unused = n * PAGE_RECORD_BYTES - b.ref.memory.encodePageRecords(memBase + offset, offset, n, buf, at);
+        w.unreserve(unused);
+        const zeros = unused / (PAGE_RECORD_BYTES - ZERO_RECORD_BYTES);
+        this.counts.duplicate += zeros;
+        this.counts.normal += n - zeros;
+        i += n;
       }
       this.dirty -= run;
-      b.cursor = page;
+      b.cursor = page + run;
       if (w.totalBytes - start >= maxBytes) break;
     }
     return this.dirty === 0;
+  }
+
+  /** One page as a record that names its block (the first after another block, or on a new channel). */
+  private encodeNamed(b: SenderBlock, page: number): void {
+    const offset = page * TARGET_PAGE_SIZE;
+    b.ref.memory.scanZeroPages((b.ref.memOffset ?? 0) + offset, 1, this.zeroScan);
+    if (this.zeroScan[0]) {
+      this.enc.zero(b.ref.idstr, offset);
+      this.counts.duplicate++;
+    } else {
+      this.enc.page(b.ref.idstr, offset, b.views.page(offset), true);
+      this.counts.normal++;
+    }
   }
 }
 

@@ -37,6 +37,8 @@ const FIRST_DEVICE_SECTION = 3;
 const ITERATION_BUDGET_MS = 50;
 /** Bytes encoded between checks of time, rate limit and backpressure. */
 const BATCH_BYTES = 256 << 10;
+/** Pending RAM above this share of bandwidth x downtime-limit is sent live before switchover (see transfer()). */
+const FINISH_LIVE_FRACTION = 0.1;
 /**
  * Output queued in user space before the encoder waits for the socket. Small
  * batches written as soon as they are encoded, with this much allowed in
@@ -167,6 +169,7 @@ export class OutgoingMigration extends EventEmitter {
     this.closeBandwidthWindow();
     let windowStart = performance.now();
     let windowBytes = 0;
+    let finishingPass = false;
     for (;;) {
       this.checkCancelled();
       const iterStart = performance.now();
@@ -205,14 +208,26 @@ export class OutgoingMigration extends EventEmitter {
 
       // QEMU's rule: an estimate under the threshold triggers an exact count (a dirty-log sync);
       // switch over when nothing is pending or the pending bytes fit in the downtime limit.
-      const threshold = this.stats.thresholdBytes;
-      let pending = sender.dirtyPages * TARGET_PAGE_SIZE;
-      if (pending < threshold) {
-        this.sync(sender);
-        pending = sender.dirtyPages * TARGET_PAGE_SIZE;
+      // Better than QEMU: when what is pending would still take more than a tenth of the
+      // limit, first send it live (one pass at most) and count again. Those pages go out
+      // either way; sent while the guest runs, they no longer count as downtime (QEMU sends
+      // up to bandwidth x limit, e.g. 670 MiB in 300 ms, with the guest stopped).
+      if (!finishingPass || sender.dirtyPages === 0) {
+        const threshold = this.stats.thresholdBytes;
+        let pending = sender.dirtyPages * TARGET_PAGE_SIZE;
+        if (pending < threshold || finishingPass) {
+          this.sync(sender);
+          pending = sender.dirtyPages * TARGET_PAGE_SIZE;
+        }
+        const under = pending === 0 || pending < threshold;
+        if (under && !finishingPass && pending > threshold * FINISH_LIVE_FRACTION) {
+          finishingPass = true;
+        } else {
+          finishingPass = false;
+          if (under && !this.switchoverBlocked()) break;
+          if (sender.dirtyPages === 0) this.sync(sender); // a pass ended above the threshold: next pass
+        }
       }
-      if ((pending === 0 || pending < threshold) && !this.switchoverBlocked()) break;
-      if (sender.dirtyPages === 0) this.sync(sender); // a pass ended above the threshold: next pass
       // Yield to the event loop so QMP stays responsive between iterations.
       await new Promise<void>((resolve) => setImmediate(resolve));
     }

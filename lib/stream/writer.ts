@@ -223,6 +223,19 @@ export class StreamWriter {
     return this.chunkSize;
   }
 
+  /** Bytes reserve() can take without starting a new chunk. */
+  get room(): number {
+    return this.chunk.length - this.pos;
+  }
+
+  /** Gives back the last `n` bytes of the latest reserve() (the encoder needed fewer). */
+  unreserve(n: number): void {
+    if (this._error) return;
+    if (n < 0 || n > this.pos - this.segStart) throw new RangeError(`unreserve(${n}) beyond the last reservation`);
+    this.pos -= n;
+    this._total -= n;
+  }
+
   reserve(n: number): { buf: Buffer; at: number } {
     if (this._error || n > this.chunkSize) {
       if (!this._error) this.setError(new StreamWriteError(`reserve(${n}) exceeds the chunk size ${this.chunkSize}`, 'ERR_INVALID_ARG_VALUE'));

@@ -13,6 +13,8 @@
  */
 import fs from 'node:fs';
 import net from 'node:net';
+import { native } from '../native';
+import { socketFd } from '../util/socket-fd';
 import type { InetAddress, MigrationAddress, UnixAddress } from './address';
 import { formatMigrationAddress } from './address';
 import { DEFAULT_CLOSE_TIMEOUT_MS, DEFAULT_HIGH_WATER_MARK, SocketChannel } from './channel';
@@ -38,12 +40,32 @@ function unixPath(addr: UnixAddress): string {
 
 /** Socket options for the migration stream (both ends). */
 export function tuneSocket(socket: net.Socket, addr: MigrationAddress): void {
+  if (addr.transport === 'socket' && addr.type === 'unix') growSendBuffer(socket);
   if (addr.transport === 'socket' && addr.type === 'inet') {
     socket.setNoDelay(true);
     if (addr['keep-alive']) socket.setKeepAlive(true);
   } else {
     // Also right for a TCP socket arriving as an fd; a no-op on unix sockets and pipes.
     socket.setNoDelay(true);
+  }
+}
+
+/**
+ * A unix stream socket queues at most the sender's SO_SNDBUF (208 KiB by
+ * default): at 2 GB/s that is 100 us of data, so sender and receiver took
+ * turns waking each other instead of running in parallel. 4 MiB (or the
+ * host's net.core.wmem_max if lower) measured 1840 -> 2290 MB/s on the 2G
+ * precopy bench. TCP keeps the kernel's autotuning (setting a size turns it off).
+ */
+const UNIX_SEND_BUFFER = 4 << 20;
+
+function growSendBuffer(socket: net.Socket): void {
+  const fd = socketFd(socket);
+  if (fd < 0) return;
+  try {
+    native().setSocketBuffer(fd, true, UNIX_SEND_BUFFER);
+  } catch {
+    // Only a speed-up: the socket works with the default size.
   }
 }
 

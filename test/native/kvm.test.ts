@@ -145,6 +145,44 @@ describe('native: GuestMemory', function () {
     }
   });
 
+  it('encodePageRecords writes ZERO/PAGE records with CONTINUE; loadPageRecords places PAGE runs only inside the block', function () {
+    const src = new b.GuestMemory(64 * PAGE);
+    const dst = new b.GuestMemory(64 * PAGE);
+    try {
+      const s = new Uint8Array(src.view(0, 64 * PAGE));
+      for (const p of [1, 2, 5, 40]) s.fill(p, p * PAGE, (p + 1) * PAGE);
+      const REC = 8 + PAGE;
+      const out = Buffer.alloc(10 + 8 * REC, 0xee);
+      // Pages 0..7 of the mapping, sent as offsets 8..15 of a block: 3 non-zero (1, 2, 5), 5 zero.
+      const used = src.encodePageRecords(0, 8 * PAGE, 8, out, 10);
+      assert.equal(used, 3 * REC + 5 * 9);
+      assert.equal(out[9], 0xee, 'nothing written before outPos');
+      assert.equal(out.readBigUInt64BE(10), BigInt(8 * PAGE) | 0x22n, 'page 0: ZERO | CONTINUE at its block offset');
+      assert.equal(out[18], 0, 'fill byte');
+      assert.equal(out.readBigUInt64BE(19), BigInt(9 * PAGE) | 0x28n, 'page 1: PAGE | CONTINUE');
+      assert.ok(out.subarray(27, 27 + PAGE).every((x) => x === 1));
+      assert.throws(() => src.encodePageRecords(0, 0, 8, out, 11), { code: 'ERR_OUT_OF_RANGE' }, 'no room for 8 records');
+      assert.throws(() => src.encodePageRecords(60 * PAGE, 0, 8, Buffer.alloc(8 * REC), 0), { code: 'ERR_OUT_OF_RANGE' });
+
+      // Load: only PAGE|CONTINUE records are placed; the ZERO record at the start stops the loop at once.
+      const recs = out.subarray(10, 10 + used);
+      assert.equal(dst.loadPageRecords(recs, 0, 16 * PAGE), 0, 'a ZERO record is left to the parser');
+      const pageRecs = recs.subarray(9); // starts at page 1's PAGE record
+      assert.equal(dst.loadPageRecords(pageRecs, 0, 16 * PAGE), 2 * REC, 'pages 1 and 2, then a ZERO record stops it');
+      const d = new Uint8Array(dst.view(0, 64 * PAGE));
+      assert.ok(d.subarray(9 * PAGE, 10 * PAGE).every((x) => x === 1) && d.subarray(10 * PAGE, 11 * PAGE).every((x) => x === 2));
+      assert.equal(dst.findNonZero(0, 9 * PAGE), -1);
+      assert.equal(dst.loadPageRecords(pageRecs, 0, 10 * PAGE), REC, 'a record at or past the block length stops the loop');
+      assert.equal(dst.loadPageRecords(pageRecs.subarray(0, REC - 1), 0, 16 * PAGE), 0, 'an incomplete record is left to the parser');
+      assert.equal(dst.loadPageRecords(pageRecs, 32 * PAGE, 16 * PAGE), 2 * REC, 'offsets are relative to the block');
+      assert.ok(d.subarray(41 * PAGE, 42 * PAGE).every((x) => x === 1));
+      assert.throws(() => dst.loadPageRecords(pageRecs, 56 * PAGE, 16 * PAGE), { code: 'ERR_OUT_OF_RANGE' }, 'the block must lie in the mapping');
+    } finally {
+      src.close();
+      dst.close();
+    }
+  });
+
   it('close() detaches live views before unmapping', function () {
     const mem = new b.GuestMemory(4 * PAGE);
     const ab = mem.view(0, 4 * PAGE);

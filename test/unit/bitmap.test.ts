@@ -15,6 +15,17 @@ describe('PageBitmap', () => {
     assert.equal(b.next(70), -1);
   });
 
+  it('clearRange clears exactly [page, page + n) across word boundaries', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 300 }), fc.nat(299), fc.nat(300), (pages, from, n) => {
+        const b = new PageBitmap(pages);
+        b.setAll();
+        b.clearRange(from, n);
+        for (let p = 0; p < pages; p++) assert.equal(b.get(p), p < from || p >= from + n, `page ${p}`);
+      }),
+    );
+  });
+
   it('next/runLength/count agree with a reference set', () => {
     fc.assert(
       fc.property(fc.integer({ min: 1, max: 500 }), fc.array(fc.nat(499), { maxLength: 200 }), (pages, marks) => {
