@@ -136,7 +136,7 @@ export class OutgoingMigration extends EventEmitter {
     const m = this.machine;
     const opts = this.options;
     const sink = new StreamSink(channel.stream, { maxQueued: MAX_QUEUED });
-    const w = new StreamWriter({ sink, chunkSize: CHUNK_BYTES, maxFreeChunks: 8 });
+    const w = new StreamWriter({ sink, chunkSize: CHUNK_BYTES, maxFreeChunks: 4 });
     const enc = new RamEncoder(w);
     const sender = new RamSender(m.ramBlocks, enc);
     this.stats.setTotal(sender.totalBytes);

@@ -21,7 +21,7 @@ import type { StreamReader } from './reader';
 export interface FdSourceOptions {
   /** Bytes per buffer (default 256 KiB: more than a unix socket's default send buffer). */
   chunkSize?: number;
-  /** Buffers in the pool (default 16: at most 4 MiB read ahead). */
+  /** Buffers in the pool (default 8: at most 2 MiB read ahead). */
   chunks?: number;
 }
 
@@ -40,7 +40,7 @@ export class FdSource {
     opts: FdSourceOptions = {},
   ) {
     const size = opts.chunkSize ?? 256 << 10;
-    for (let i = 0; i < (opts.chunks ?? 16); i++) {
+    for (let i = 0; i < (opts.chunks ?? 8); i++) {
       const buf = Buffer.allocUnsafeSlow(size);
       this.pool.set(buf.buffer, buf);
       this.free.push(buf);
