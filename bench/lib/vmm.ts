@@ -10,6 +10,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 
+import { ferryArgv } from '../../lib/cli/launch';
 import { guestPath } from '../../lib/guests';
 import { QmpClient } from '../../lib/qmp/client';
 import { Proc, SerialLog, sleep, waitFor, type TempDir } from './proc';
@@ -17,8 +18,6 @@ import { Proc, SerialLog, sleep, waitFor, type TempDir } from './proc';
 export type Engine = 'ferry' | 'qemu';
 export const ENGINES: readonly Engine[] = ['ferry', 'qemu'];
 
-/** dist/lib/cli/main.js (this file runs as dist/bench/lib/vmm.js). */
-export const FERRY_MAIN = path.resolve(__dirname, '..', '..', 'lib', 'cli', 'main.js');
 export const QEMU_BINARY = process.env.QEMU ?? 'qemu-system-x86_64';
 
 export interface VmSpec {
@@ -111,8 +110,6 @@ export async function startVm(engine: Engine, spec: VmSpec, opts: VmStartOptions
   let proc: Proc;
   if (engine === 'ferry') {
     const args = [
-      ...(opts.nodeOptions ?? []),
-      FERRY_MAIN,
       'run',
       '--guest',
       elf,
@@ -126,7 +123,7 @@ export async function startVm(engine: Engine, spec: VmSpec, opts: VmStartOptions
       `unix:${qmp}`,
     ];
     if (opts.incoming) args.push('--incoming', opts.incoming);
-    proc = new Proc(`ferry ${opts.name}`, process.execPath, args);
+    proc = new Proc(`ferry ${opts.name}`, process.execPath, ferryArgv(args, opts.nodeOptions));
   } else {
     const args = ['-M', 'microvm', '-accel', 'kvm', '-m', spec.memory, '-smp', '1', '-nodefaults', '-display', 'none'];
     args.push('-serial', `file:${serial}`, '-qmp', `unix:${qmp},server=on,wait=off`, '-kernel', elf, '-append', spec.append);

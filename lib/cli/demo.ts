@@ -11,6 +11,7 @@ import path from 'node:path';
 import { parseGuestOutput } from '../guests';
 import { QmpClient } from '../qmp/client';
 import { waitFor } from '../util/wait';
+import { ferryArgv } from './launch';
 import { formatSummary, runMigrate } from './migrate';
 
 export interface DemoOptions {
@@ -19,11 +20,9 @@ export interface DemoOptions {
   keep?: boolean;
 }
 
-const MAIN = path.join(__dirname, 'main.js');
-
 function startFerry(args: string[], log: string): ChildProcess {
   const out = fs.openSync(log, 'a');
-  const child = spawn(process.execPath, [MAIN, 'run', ...args], { stdio: ['ignore', out, out] });
+  const child = spawn(process.execPath, ferryArgv(['run', ...args]), { stdio: ['ignore', out, out] });
   fs.closeSync(out);
   return child;
 }

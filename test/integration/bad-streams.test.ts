@@ -16,13 +16,13 @@ import { spawn } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { FERRY_MAIN, ferryArgv } from '../../lib/cli/launch';
 import { RAM_FLAG, SectionType } from '../../lib/stream/constants';
 import { Rng, buildStream, caseSeed, indexStream, mutate, splice, withField, type IndexItem, type StreamIndex } from '../helpers/streams';
 
-const MAIN = path.join(__dirname, '..', '..', 'lib', 'cli', 'main.js');
 const RUN = path.join(__dirname, '..', '..', 'lib', 'cli', 'run.js');
 const HAVE_KVM = fs.existsSync('/dev/kvm');
-const HAVE_RUN = fs.existsSync(RUN) && fs.existsSync(MAIN);
+const HAVE_RUN = fs.existsSync(RUN) && fs.existsSync(FERRY_MAIN);
 const RAM = 64 << 20;
 const SEED = process.env.FERRY_FUZZ_SEED ? Number(process.env.FERRY_FUZZ_SEED) >>> 0 : 0x5eed0002;
 const FUZZ = Number(process.env.FERRY_PROC_FUZZ_CASES ?? 24);
@@ -41,7 +41,7 @@ interface Exit {
 /** Runs `ferry run` as a destination of `incoming`; stops it with SIGTERM after `stopAfterMs` if still alive. */
 function runDestination(incoming: string, stopAfterMs = EXIT_TIMEOUT_MS): Promise<Exit> {
   const t0 = Date.now();
-  const child = spawn(process.execPath, [MAIN, 'run', '--machine', 'none', '--memory', '64M', '--serial', 'none', '--incoming', incoming], {
+  const child = spawn(process.execPath, ferryArgv(['run', '--machine', 'none', '--memory', '64M', '--serial', 'none', '--incoming', incoming]), {
     stdio: ['ignore', 'pipe', 'pipe'],
   });
   let stderr = '';

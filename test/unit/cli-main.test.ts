@@ -4,6 +4,7 @@ import { spawnSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { formatGuests } from '../../lib/cli/guests-cmd';
+import { FERRY_MAIN, NODE_FLAGS } from '../../lib/cli/launch';
 import { main } from '../../lib/cli/main';
 
 const BIN = path.resolve(__dirname, '..', '..', 'lib', 'cli', 'main.js');
@@ -14,8 +15,12 @@ function ferry(...args: string[]): { status: number | null; stdout: string; stde
 }
 
 describe('cli: the ferry bin', function () {
-  it('starts with the node shebang', function () {
-    assert.equal(fs.readFileSync(BIN, 'utf8').split('\n')[0], '#!/usr/bin/env node');
+  it('starts with a node shebang carrying the same flags every other launch uses, and runs as an executable', function () {
+    assert.equal(BIN, FERRY_MAIN);
+    assert.equal(fs.readFileSync(BIN, 'utf8').split('\n')[0], `#!/usr/bin/env -S node ${NODE_FLAGS.join(' ')}`);
+    const r = spawnSync(BIN, ['--version'], { encoding: 'utf8', timeout: 20000 });
+    assert.equal(r.status, 0, r.stderr);
+    assert.match(r.stdout, /^\d+\.\d+\.\d+/);
   });
 
   it('ferry --help lists the commands', function () {

@@ -11,13 +11,11 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import net from 'node:net';
-import path from 'node:path';
 
+import { ferryArgv } from '../../../lib/cli/launch';
 import { parseGuestOutput, type GuestLine } from '../../../lib/guests';
 import { QmpClient } from '../../../lib/qmp/client';
 
-/** dist/lib/cli/main.js (tests run from dist/test/...). */
-export const FERRY_MAIN = path.resolve(__dirname, '..', '..', '..', 'lib', 'cli', 'main.js');
 export const HAVE_KVM = fs.existsSync('/dev/kvm');
 
 export { sleep, waitFor, TempDir } from '../../../lib/util/wait';
@@ -88,12 +86,12 @@ export class Proc {
 
 /** `node dist/lib/cli/main.js run ...args`. */
 export function spawnFerryRun(args: string[], label = 'ferry run'): Proc {
-  return new Proc(process.execPath, [FERRY_MAIN, 'run', ...args], label);
+  return new Proc(process.execPath, ferryArgv(['run', ...args]), label);
 }
 
 /** `node dist/lib/cli/main.js <args>` (any subcommand). */
 export function spawnFerry(args: string[], label = 'ferry'): Proc {
-  return new Proc(process.execPath, [FERRY_MAIN, ...args], label);
+  return new Proc(process.execPath, ferryArgv(args), label);
 }
 
 // ---- serial output ---------------------------------------------------------
