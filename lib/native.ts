@@ -144,6 +144,8 @@ export type VcpuExit =
       count: number;
       /** View into kvm_run's I/O data area (size*count bytes). Valid only during the callback. */
       data: Uint8Array;
+      /** A write to a posted port: the guest did not wait for this callback (data is a copy). */
+      posted?: true;
     }
   | {
       reason: 'mmio';
@@ -182,7 +184,12 @@ export interface Vcpu {
   readonly fd: number;
   readonly id: number;
   /** Start the run thread; the vCPU starts paused unless `running` is true. */
-  start(onExit: (exit: VcpuExit) => void, running: boolean): void;
+  /**
+   * postedPorts: OUT to these ports is handed to onExit without the guest
+   * waiting for it (in order with every other exit); use for writes whose
+   * effects the guest can only observe through a later exit.
+   */
+  start(onExit: (exit: VcpuExit) => void, running: boolean, postedPorts?: number[]): void;
   /**
    * Stop KVM_RUN (immediate_exit + signal), completing any pending I/O
    * instruction so that the state read afterwards is consistent. Resolves when

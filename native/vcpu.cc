@@ -174,6 +174,17 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
   if (started_) ThrowCodeError(env, "ERR_VCPU_STARTED", "vCPU thread already started");
   if (!info[0].IsFunction()) ThrowArgError(env, "onExit must be a function");
   bool running = info[1].ToBoolean();
+  if (info.Length() > 2 && !info[2].IsUndefined()) {
+    if (!info[2].IsArray()) ThrowArgError(env, "postedPorts must be an array of port numbers");
+    Napi::Array ports = info[2].As<Napi::Array>();
+    posted_ports_.assign(65536, false);
+    for (uint32_t i = 0; i < ports.Length(); i++) {
+      Napi::Value v = ports.Get(i);
+      double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 0 && d <= 65535) || d != static_cast<double>(static_cast<int>(d))) ThrowArgError(env, "postedPorts: a port is 0..65535");
+      posted_ports_[static_cast<size_t>(d)] = true;
+    }
+  }
   InstallKickHandler();
 
   // The whole kvm_run mapping as one external buffer; exit.data views are
@@ -269,6 +280,9 @@ void Vcpu::ThreadMain() {
     } else {
       switch (run_->exit_reason) {
         case KVM_EXIT_IO:
+          needs_completion_ = true;
+          if (!PostWrite()) Deliver(0);
+          break;
         case KVM_EXIT_MMIO:
           needs_completion_ = true;
           Deliver(0);
@@ -286,6 +300,21 @@ void Vcpu::ThreadMain() {
     lk.lock();
     if (park) want_run_ = false;
   }
+}
+
+// An OUT to a posted port: JS gets a copy through the same (ordered) queue as
+// every other exit and the guest runs on at once. A later exit, a pause or a
+// state read is handled after it, so JS sees the device's writes in order.
+bool Vcpu::PostWrite() {
+  const auto& io = run_->io;
+  size_t len = static_cast<size_t>(io.size) * io.count;
+  if (io.direction != KVM_EXIT_IO_OUT || posted_ports_.empty() || !posted_ports_[io.port] || len > sizeof(PostedWrite::data) ||
+      io.data_offset + len > run_size_)
+    return false;
+  auto* w = new PostedWrite{io.port, io.size, io.count, {}};
+  memcpy(w->data, reinterpret_cast<uint8_t*>(run_) + io.data_offset, len);
+  if (napi_call_threadsafe_function(tsfn_, w, napi_tsfn_blocking) != napi_ok) delete w;  // closing
+  return true;
 }
 
 // Hands the current exit to JS and waits until onExit returned (or close).
@@ -308,15 +337,48 @@ bool Vcpu::Deliver(int err) {
 }
 
 void Vcpu::CallJs(napi_env env, napi_value cb, void* ctx, void* data) {
-  if (env == nullptr) return;  // TSFN torn down with calls still queued
+  intptr_t msg = reinterpret_cast<intptr_t>(data);
+  bool posted = msg != kExitMsg && msg != kParkedMsg;
+  if (env == nullptr) {  // TSFN torn down with calls still queued
+    if (posted) delete static_cast<PostedWrite*>(data);
+    return;
+  }
   Vcpu* self = static_cast<Vcpu*>(ctx);
   Napi::Env e(env);
   Napi::HandleScope scope(e);
-  intptr_t msg = reinterpret_cast<intptr_t>(data);
   if (msg == kExitMsg) {
     self->HandleExit(e, Napi::Function(env, cb));
-  } else {
+  } else if (msg == kParkedMsg) {
     self->HandleParked(e);
+  } else {
+    self->HandlePosted(e, Napi::Function(env, cb), static_cast<PostedWrite*>(data));
+  }
+}
+
+void Vcpu::HandlePosted(Napi::Env env, Napi::Function cb, PostedWrite* w) {
+  std::unique_ptr<PostedWrite> owned(w);
+  {
+    std::lock_guard<std::mutex> g(mu_);
+    if (stop_) return;
+  }
+  try {
+    Napi::Object ex = Napi::Object::New(env);
+    ex.Set("reason", "io");
+    ex.Set("direction", KVM_EXIT_IO_OUT);
+    ex.Set("port", w->port);
+    ex.Set("size", w->size);
+    ex.Set("count", w->count);
+    ex.Set("data", Napi::Buffer<uint8_t>::Copy(env, w->data, static_cast<size_t>(w->size) * w->count));
+    ex.Set("posted", true);
+    cb.Call(Value(), {ex});
+  } catch (const Napi::Error& e) {
+    napi_fatal_exception(env, e.Value());
+    std::lock_guard<std::mutex> g(mu_);
+    want_run_ = false;  // as for a failed exit: the guest does not run on
+    if (!parked_) {
+      run_->immediate_exit = 1;
+      pthread_kill(tid_, KickSignal());
+    }
   }
 }
 

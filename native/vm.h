@@ -86,6 +86,13 @@ class Vcpu : public Napi::ObjectWrap<Vcpu> {
 
  private:
   enum Msg : intptr_t { kExitMsg = 1, kParkedMsg = 2 };
+  // A port write handed to JS without waiting (any other TSFN message value is one of these).
+  struct PostedWrite {
+    uint16_t port;
+    uint8_t size;
+    uint32_t count;
+    uint8_t data[8];
+  };
 
   Napi::Value GetFd(const Napi::CallbackInfo& info);
   Napi::Value GetId(const Napi::CallbackInfo& info);
@@ -132,6 +139,8 @@ class Vcpu : public Napi::ObjectWrap<Vcpu> {
   static void CleanupHook(void* arg);
   void HandleExit(Napi::Env env, Napi::Function cb);
   void HandleParked(Napi::Env env);
+  void HandlePosted(Napi::Env env, Napi::Function cb, PostedWrite* w);
+  bool PostWrite();  // vCPU thread: queue the current OUT exit for JS; false if it must be delivered
   void StopThread();  // no JS: sets stop, kicks, joins, releases the TSFN
   void ResolvePauses(Napi::Env env);
 
@@ -160,6 +169,7 @@ class Vcpu : public Napi::ObjectWrap<Vcpu> {
   bool park_posted_ = false;      // (mu_) a kParkedMsg is queued
   int pause_waiters_ = 0;         // (mu_) pause() promises not yet resolved
   bool needs_completion_ = false; // thread only: an IO/MMIO exit awaits its KVM_RUN re-entry
+  std::vector<bool> posted_ports_; // set by start(), then read-only: OUT to these ports does not wait for JS
   std::vector<Napi::Promise::Deferred> pauses_;  // JS thread only
   Napi::ObjectReference self_ref_;               // strong while the thread exists (TSFN finalizer drops it)
   Napi::Reference<Napi::ArrayBuffer> run_ab_;    // external buffer over kvm_run, detached at Shutdown

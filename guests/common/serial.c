@@ -1,12 +1,14 @@
 /*
- * Polled output on the 16550 at 0x3f8. Each port access costs about 12 us
- * under kvm_pvm, so: one LSR poll and one THR write per byte, no FIFO
- * games, no interrupts.
+ * Polled output on the 16550A at 0x3f8, no interrupts. Each port access is a
+ * VM exit (about 12 us under kvm_pvm, more when the VMM handles it in another
+ * thread), so the transmit FIFO is used as a 16550A driver does: once LSR
+ * says the transmitter is empty, up to 16 bytes go in without polling again.
  */
 #include "guest.h"
 
 #define COM1 0x3f8
 #define LSR_THRE 0x20
+#define TX_FIFO 16
 
 void serial_init(void)
 {
@@ -15,6 +17,7 @@ void serial_init(void)
 	outb(COM1 + 0, 0x01);  /* 115200 */
 	outb(COM1 + 1, 0x00);
 	outb(COM1 + 3, 0x03);  /* 8N1 */
+	outb(COM1 + 2, 0x07);  /* FCR: FIFOs on and cleared */
 }
 
 /*
@@ -33,11 +36,13 @@ void serial_write(const char *s, size_t n)
 
 void serial_write_direct(const char *s, size_t n)
 {
-	for (size_t i = 0; i < n; i++) {
+	for (size_t i = 0; i < n;) {
 		unsigned spins = 0;
 		while (!(inb(COM1 + 5) & LSR_THRE) && ++spins < 100000)
 			;
-		outb(COM1, (u8)s[i]);
+		/* THRE with FIFOs on: the whole transmit FIFO is free. */
+		for (size_t k = 0; k < TX_FIFO && i < n; k++, i++)
+			outb(COM1, (u8)s[i]);
 	}
 }
 

@@ -11,12 +11,19 @@
  * value, unknown command). `run` words go through parseRunOptions (QEMU
  * spellings, validation, typo hints); the machine itself is lib/cli/run.ts.
  */
-import { Command, CommanderError } from 'commander';
+import type { Command } from 'commander';
+import type * as CommanderModule from 'commander';
 import { errorMessage } from '../errors';
+import type * as GuestsCmdModule from './guests-cmd';
+import type * as MigrateCmdModule from './migrate-cmd';
 import type * as RunModule from './run';
-import { createGuestsCommand } from './guests-cmd';
-import { createDemoCommand, createMigrateCommand } from './migrate-cmd';
-import { CliHelpRequested, CliUsageError, createRunCommand, parseRunOptions } from './run-options';
+import type * as RunCmdModule from './run-cmd';
+import { CliHelpRequested, CliUsageError, parseRunOptions } from './run-options';
+
+// commander and the command definitions load only off the `ferry run` path:
+// commander alone takes ~15 ms, time a booting guest would wait for.
+/* eslint-disable @typescript-eslint/no-require-imports */
+const commander = (): typeof CommanderModule => require('commander') as typeof CommanderModule;
 
 export const VERSION = '0.1.0';
 
@@ -32,7 +39,10 @@ const defaultIo: CliIo = {
 
 /** The top-level program (commands listed for --help; `run` is parsed by parseRunOptions). */
 export function createProgram(io: CliIo = defaultIo, setExit: (code: number) => void = () => undefined): Command {
-  const program = new Command('ferry')
+  const { createGuestsCommand } = require('./guests-cmd') as typeof GuestsCmdModule;
+  const { createDemoCommand, createMigrateCommand } = require('./migrate-cmd') as typeof MigrateCmdModule;
+  const { createRunCommand } = require('./run-cmd') as typeof RunCmdModule;
+  const program = new (commander().Command)('ferry')
     .description("live migration of KVM guests, speaking QEMU's migration stream and QMP")
     .version(VERSION, '-V, --version', 'print the version')
     .helpOption('-h, --help', 'show this help')
@@ -69,7 +79,6 @@ export async function main(argv: string[] = process.argv.slice(2), io: CliIo = d
     }
     try {
       // Loaded lazily: the machine (and the native addon) are not needed for --help or guests.
-      // eslint-disable-next-line @typescript-eslint/no-require-imports
       const { runMachine } = require('./run') as typeof RunModule;
       const code = await runMachine(options);
       return typeof code === 'number' ? code : 0;
@@ -85,7 +94,7 @@ export async function main(argv: string[] = process.argv.slice(2), io: CliIo = d
     await program.parseAsync(argv, { from: 'user' });
     return exitCode;
   } catch (e) {
-    if (e instanceof CommanderError) {
+    if (e instanceof commander().CommanderError) {
       if (e.code === 'commander.helpDisplayed' || e.code === 'commander.version') return 0;
       if (e.code === 'commander.help') return e.exitCode === 0 ? 0 : 2; // `ferry` alone: help on stderr
       // Commander's "error: unknown command 'rn'\n(Did you mean run?)" in ferry's one-line style.
@@ -97,6 +106,8 @@ export async function main(argv: string[] = process.argv.slice(2), io: CliIo = d
     return 1;
   }
 }
+
+/* eslint-enable @typescript-eslint/no-require-imports */
 
 if (require.main === module) {
   main().then(

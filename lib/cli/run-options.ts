@@ -1,24 +1,24 @@
 /**
- * `ferry run` options: the commander definition (for --help) and
- * parseRunOptions(argv), which turns the words after `run` into a validated
- * RunOptions or throws a CliUsageError (exit code 2) whose message names the
- * option, what was wrong and what is accepted.
+ * `ferry run` options: parseRunOptions(argv) turns the words after `run` into
+ * a validated RunOptions or throws a CliUsageError (exit code 2) whose message
+ * names the option, what was wrong and what is accepted. The help text comes
+ * from the commander definition in run-cmd.ts, loaded only for --help:
+ * commander takes ~15 ms to load, a tenth of the time to a booted guest.
  *
  * QEMU spellings work too, so a QEMU command line needs few edits:
  * -m, -smp, -S, -qmp, -serial, -append, -incoming, -machine / -M, -mem-path,
- * -kernel (= --guest). They are rewritten to the long options before commander
- * parses, and only where an option is expected (never inside a value such as
- * `--append -S`).
+ * -kernel (= --guest). They are rewritten to the long options, and only where
+ * an option is expected (never inside a value such as `--append -S`).
  *
  * Validation that needs the world (does the guest image exist?) goes through
  * RunOptionsEnv so tests can replace it.
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import { Command, CommanderError, Option } from 'commander';
 import { FerryError } from '../errors';
 import { QmpAddressError, parseQmpAddress, type QmpAddress } from '../qmp/protocol';
 import { SizeError, parseSize } from '../util/size';
+import type * as RunCmdModule from './run-cmd';
 
 export const ERR_USAGE = 'ERR_USAGE';
 
@@ -79,6 +79,8 @@ export interface RunOptions {
 }
 
 export const DEFAULT_MEMORY = 128 * 1024 * 1024; // QEMU's default -m
+/** Values of the options not given (as words, before validation). */
+export const RUN_DEFAULTS = { memory: '128M', cpus: '1', serial: 'stdio', machine: 'pvh' } as const;
 export const MAX_CPUS = 255;
 
 /** What parseRunOptions asks of the outside world (replaceable in tests). */
@@ -138,54 +140,6 @@ const SPECS: OptSpec[] = [
   { long: '--help', short: '-h', aliases: ['-help'] },
 ];
 
-function builtinGuestNames(): string {
-  try {
-    return defaultRunOptionsEnv
-      .listGuests()
-      .map((g) => g.name)
-      .join(', ');
-  } catch {
-    return '(unavailable)';
-  }
-}
-
-/** The commander definition of `ferry run` (fresh each call: commander keeps parse state). */
-export function createRunCommand(): Command {
-  const cmd = new Command('run')
-    .description('run a guest (or a RAM-only machine), serve QMP, optionally wait for an incoming migration')
-    .option('-m, --memory <SIZE>', "guest RAM: 256M, 1G, 4096M (a bare number is MiB, as QEMU's -m)", '128M')
-    .option('--cpus <N>', `number of vCPUs, 1-${MAX_CPUS} (QEMU: -smp N)`, '1')
-    .addOption(new Option('--smp <N>', 'same as --cpus').hideHelp())
-    .option('--guest <NAME|PATH>', "a built-in guest name (see 'ferry guests') or the path of a PVH ELF image (QEMU: -kernel)")
-    .option('--append <STRING>', 'the guest command line, e.g. "ws=256M rate=50M"')
-    .option('--serial <DEST>', 'where the 16550 serial port goes: stdio, file:PATH or none', 'stdio')
-    .option('--qmp <ADDRESS>', 'serve QMP at unix:PATH or tcp:HOST:PORT (repeatable)', (v: string, prev: string[] = []) => [...prev, v])
-    .option('-S, --paused', 'start with the vCPUs stopped; QMP "cont" starts them')
-    .option(
-      '--incoming <URI|defer>',
-      'wait for an incoming migration at tcp:HOST:PORT, unix:PATH, fd:N, exec:CMD or file:PATH; "defer" waits for QMP migrate-incoming',
-    )
-    .option('--machine <TYPE>', 'pvh (boot a PVH ELF guest) or none (RAM only, no vCPUs) (QEMU: -M; microvm = pvh)', 'pvh')
-    .option('--mem-path <FILE>', 'back guest RAM with this file, mapped shared')
-    .helpOption('-h, --help', 'show this help')
-    .addHelpText(
-      'after',
-      [
-        '',
-        'QEMU spellings are accepted: -m SIZE, -smp N, -S, -qmp ADDRESS (,server=on,wait=off is ignored),',
-        '-serial DEST, -append STRING, -incoming URI, -machine/-M TYPE, -mem-path FILE, -kernel PATH.',
-        'SIZE: a number with optional K, M, G or T suffix (powers of 1024).',
-        `Built-in guests: ${builtinGuestNames()} (see 'ferry guests').`,
-        '',
-        'Examples:',
-        "  ferry run --guest memwriter --append 'ws=256M rate=50M' -m 1G --qmp unix:/tmp/src.sock",
-        '  ferry run --guest memwriter -m 1G --qmp unix:/tmp/dst.sock --incoming tcp:0:4444',
-        '  ferry run --machine none -m 64M --qmp tcp:127.0.0.1:4445 --incoming defer',
-      ].join('\n'),
-    );
-  return cmd;
-}
-
 /** Optimal string alignment distance (Levenshtein plus transpositions). */
 function editDistance(a: string, b: string): number {
   const d: number[][] = Array.from({ length: a.length + 1 }, (_, i) => Array.from({ length: b.length + 1 }, (_, j) => (i === 0 ? j : j === 0 ? i : 0)));
@@ -238,8 +192,7 @@ function suggestOption(word: string): string | undefined {
 
 /**
  * Rewrites QEMU spellings to the long options, splits `--opt=value`, and
- * rejects unknown options, missing values and stray arguments before
- * commander sees the words.
+ * rejects unknown options, missing values and stray arguments.
  */
 function normalise(argv: string[]): string[] {
   const out: string[] = [];
@@ -285,7 +238,6 @@ function normalise(argv: string[]): string[] {
       value = next;
       i++;
     }
-    // --smp is commander's hidden twin of --cpus; pass everything as --cpus.
     out.push(`${spec.long}=${value}`);
   }
   return out;
@@ -302,6 +254,29 @@ interface RawOpts {
   incoming?: string;
   machine: string;
   memPath?: string;
+}
+
+/** The normalised words (`--long=value`, `--flag`) as options, with the defaults; the last value wins, --qmp repeats. */
+function rawOptions(words: string[]): RawOpts {
+  const raw: RawOpts = { ...RUN_DEFAULTS };
+  for (const w of words) {
+    const eq = w.indexOf('=');
+    const name = eq < 0 ? w : w.slice(0, eq);
+    const value = eq < 0 ? '' : w.slice(eq + 1);
+    switch (name) {
+      case '--memory': raw.memory = value; break;
+      case '--cpus': raw.cpus = value; break;
+      case '--guest': raw.guest = value; break;
+      case '--append': raw.append = value; break;
+      case '--serial': raw.serial = value; break;
+      case '--qmp': (raw.qmp ??= []).push(value); break;
+      case '--paused': raw.paused = true; break;
+      case '--incoming': raw.incoming = value; break;
+      case '--machine': raw.machine = value; break;
+      case '--mem-path': raw.memPath = value; break;
+    }
+  }
+  return raw;
 }
 
 function usage(option: string, value: string, why: string): CliUsageError {
@@ -397,29 +372,12 @@ function parseIncoming(text: string, env: RunOptionsEnv): IncomingConfig {
  */
 export function parseRunOptions(argv: string[], env: RunOptionsEnv = defaultRunOptionsEnv): RunOptions {
   const words = normalise(argv);
-  const cmd = createRunCommand();
-  new Command('ferry').addCommand(cmd); // so help reads "Usage: ferry run [options]"
-  let helpText = '';
-  cmd.exitOverride();
-  cmd.configureOutput({
-    writeOut: (s) => {
-      helpText += s;
-    },
-    writeErr: (s) => {
-      helpText += s;
-    },
-    outputError: () => {},
-  });
-  try {
-    cmd.parse(words, { from: 'user' });
-  } catch (e) {
-    if (e instanceof CommanderError) {
-      if (e.code === 'commander.helpDisplayed' || e.code === 'commander.help') throw new CliHelpRequested(helpText);
-      throw new CliUsageError(`ferry run: ${e.message.replace(/^error: /, '')}`);
-    }
-    throw e;
+  if (words.includes('--help')) {
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    const { runHelpText } = require('./run-cmd') as typeof RunCmdModule;
+    throw new CliHelpRequested(runHelpText());
   }
-  const raw = cmd.opts() as RawOpts & { smp?: string };
+  const raw = rawOptions(words);
   const machine = parseMachine(raw.machine);
   const opts: RunOptions = {
     machine,

@@ -65,6 +65,13 @@ export interface UartOptions {
 export class Uart16550 {
   static readonly BASE = 0x3f8;
   static readonly IRQ = 4;
+  /**
+   * Ports whose writes need not stop the guest until handled (Vcpu postedPorts):
+   * THR (or DLL with DLAB set). A transmitted byte changes nothing the guest
+   * reads without another port access (an exit, handled after it in order);
+   * the THR-empty interrupt is raised when the write is handled.
+   */
+  static readonly POSTED_PORTS: readonly number[] = [Uart16550.BASE];
 
   private s: SerialState = Uart16550.resetState();
   private rx: number[] = [];

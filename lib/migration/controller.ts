@@ -6,13 +6,16 @@
 import { EventEmitter } from 'node:events';
 import type { QmpServer } from '../qmp/server';
 import { QmpError } from '../qmp/protocol';
-import { listenIncoming, connectOutgoing, resolveMigrationTarget, type MigrationAddress } from '../transport';
+import type * as TransportModule from '../transport';
+import { resolveMigrationTarget, type MigrationAddress } from '../transport/address';
 import type { IncomingListener } from '../transport/types';
-import { IncomingMigration } from './destination';
+import type * as DestinationModule from './destination';
+import type { IncomingMigration } from './destination';
 import { RamStats, buildMigrationInfo, destinationSnapshot, sourceSnapshot, type MigrationInfoJson, type SocketAddressJson } from './info';
 import type { MigratableMachine } from './machine-port';
 import { MigrationOptions, parseSetCapabilitiesArgs, parseSetParametersArgs } from './options';
-import { OutgoingMigration } from './source';
+import type * as SourceModule from './source';
+import type { OutgoingMigration } from './source';
 import {
   MigrationCommandError,
   MigrationStateMachine,
@@ -25,6 +28,17 @@ import {
   type MigrationStatus,
   type TransportKind,
 } from './state';
+
+/*
+ * The engines and transports load at the first migration command: a guest
+ * that is never migrated does not pay for them, and at boot they were ~10 ms
+ * of the JS thread's time while the guest waited for its first exits.
+ */
+/* eslint-disable @typescript-eslint/no-require-imports */
+const sourceEngine = (): typeof SourceModule => require('./source') as typeof SourceModule;
+const destinationEngine = (): typeof DestinationModule => require('./destination') as typeof DestinationModule;
+const transports = (): typeof TransportModule => require('../transport') as typeof TransportModule;
+/* eslint-enable @typescript-eslint/no-require-imports */
 
 export interface ControllerOptions {
   /** QEMU's autostart: false with -S / --paused. */
@@ -81,11 +95,11 @@ export class MigrationController extends EventEmitter {
     if (refusal) throw refusal;
     const from = this.source.status;
     this.source.setState(from, 'setup');
-    const out = new OutgoingMigration(this.machine, this.options, this.source, this.stats);
+    const out = new (sourceEngine().OutgoingMigration)(this.machine, this.options, this.source, this.stats);
     this.outgoing = out;
     out.on('pass', (pass: number) => this.emit('pass', pass));
     out.on('progress', () => this.emit('progress'));
-    this.outgoingDone = out.run((signal) => connectOutgoing(addr, { signal, lookupFd: this.opts.lookupFd }));
+    this.outgoingDone = out.run((signal) => transports().connectOutgoing(addr, { signal, lookupFd: this.opts.lookupFd }));
   }
 
   /** QMP migrate-incoming (or -incoming URI at start). */
@@ -96,13 +110,13 @@ export class MigrationController extends EventEmitter {
     if (args['exit-on-error'] !== undefined) this.exitOnError = args['exit-on-error'];
     this.incomingStarted = true;
     try {
-      this.listener = await listenIncoming(addr, { lookupFd: this.opts.lookupFd });
+      this.listener = await transports().listenIncoming(addr, { lookupFd: this.opts.lookupFd });
     } catch (err) {
       this.incomingStarted = false;
       throw new QmpError('GenericError', (err as Error).message);
     }
     const listener = this.listener;
-    const inc = new IncomingMigration(this.machine, this.destination, {
+    const inc = new (destinationEngine().IncomingMigration)(this.machine, this.destination, {
       autostart: this.opts.autostart,
       switchoverAck: () => this.options.capability('switchover-ack'),
     });

@@ -69,6 +69,56 @@ describe(title('native: Vcpu exits'), function () {
     assert.equal(reg(cpu, 'rax') & 0xffffn, 0x1234n);
   });
 
+  it('posted ports: an out is handed over in order and the guest runs on without waiting for JS', async function () {
+    m = createMachine({ code: GUEST.echo });
+    const cpu = m.vcpus[0];
+    const seen: (SeenExit & { posted?: boolean })[] = [];
+    let halted!: () => void;
+    const done = new Promise<void>((r) => (halted = r));
+    cpu.start(
+      (e) => {
+        if (e.reason === 'io' && e.direction === 0) e.data[0] = 0x77;
+        seen.push({ ...snapshot(e), ...(e.reason === 'io' && e.posted ? { posted: true } : {}) });
+        if (e.reason === 'hlt') void cpu.pause().then(halted);
+      },
+      true,
+      [0x10, 0x3f8],
+    );
+    await done;
+    assert.deepEqual(seen, [
+      { reason: 'io', direction: 1, port: 0x10, size: 1, count: 1, bytes: [0x42], posted: true },
+      { reason: 'io', direction: 0, port: 0x11, size: 1, count: 1, bytes: [0x77] },
+      { reason: 'io', direction: 1, port: 0x12, size: 1, count: 1, bytes: [0x77] },
+      { reason: 'io', direction: 1, port: 0x3f8, size: 2, count: 1, bytes: [0x34, 0x12], posted: true },
+      { reason: 'hlt' },
+    ]);
+    assert.equal(reg(cpu, 'rip'), BigInt(CODE_GPA + 0x10), 'stopped after hlt');
+
+    // While the JS thread is busy in the first callback, the guest keeps writing.
+    m.close();
+    m = createMachine({ code: GUEST.countOut });
+    const spin = m.vcpus[0];
+    const values: number[] = [];
+    spin.start(
+      (e) => {
+        if (e.reason !== 'io') return;
+        values.push(e.data[0]!);
+        if (values.length === 1) {
+          const until = Date.now() + 50;
+          while (Date.now() < until);
+        }
+      },
+      true,
+      [0x10],
+    );
+    while (values.length < 2) await sleep(5);
+    await spin.pause();
+    const queued = values.length;
+    assert.ok(queued > 20, `the guest ran on during the 50 ms callback (${queued} writes handed over)`);
+    for (let i = 1; i < values.length; i++) assert.equal(values[i], (values[i - 1]! + 1) & 0xff, `write ${i} in order`);
+    assert.equal(Number(reg(spin, 'rcx') & 0xffn), values.at(-1), 'every write before the pause reached JS before pause() resolved');
+  });
+
   it('delivers MMIO writes and reads outside guest RAM', async function () {
     m = createMachine({ code: GUEST.mmio, memSize: 512 * 1024 });
     const cpu = m.vcpus[0];

@@ -68,6 +68,13 @@ export const GUEST = {
     0xe6, 0x10, //                         11 out 0x10, al
     0xeb, 0xeb, //                         13 jmp 00
   ]),
+  /** out 0x10 <- low byte of an incrementing ecx, forever (posted writes). */
+  countOut: Buffer.from([
+    0x66, 0x41, //             00 inc ecx
+    0x88, 0xc8, //             02 mov al, cl
+    0xe6, 0x10, //             04 out 0x10, al
+    0xeb, 0xf8, //             06 jmp 00
+  ]),
   /** in al <- 0x11 then out 0x12 <- al, forever (pause while exits keep coming). */
   ioLoop: Buffer.from([
     0xe4, 0x11, //             00 in al, 0x11
