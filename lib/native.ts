@@ -50,12 +50,12 @@ export interface GuestMemory {
    */
   loadPageRecords(src: Uint8Array, blockOffset: number, blockLength: number): number;
   /**
-   * Writes RAM records with CONTINUE for `pages` consecutive pages from
-   * memOffset into out at outPos: ZERO (9 bytes) for a zero page, else PAGE +
-   * the page; headers carry blockOffset + i * 4096. out must have room for
-   * pages * 4104 bytes. Returns the bytes written.
+   * Writes RAM records with CONTINUE for up to `pages` consecutive pages from
+   * memOffset into out from outPos: ZERO (9 bytes) for a zero page, else PAGE
+   * + the page; headers carry blockOffset + i * 4096. Stops when the next
+   * record might not fit (out must have room for at least one, 4104 bytes).
    */
-  encodePageRecords(memOffset: number, blockOffset: number, pages: number, out: Uint8Array, outPos: number): number;
+  encodePageRecords(memOffset: number, blockOffset: number, pages: number, out: Uint8Array, outPos: number): { pages: number; bytes: number };
   /**
    * Detach every view, munmap, close the backing fd. Idempotent. Afterwards
    * methods throw ERR_MEMORY_CLOSED; views read as length 0.

@@ -347,7 +347,7 @@ Napi::Value GuestMemory::ScanZeroPages(const Napi::CallbackInfo& info) {
   CheckRange(env, offset, pages * kPage, true);
   const uint8_t* p = base_ + offset;
   std::vector<uint8_t> absent;
-  if (pages >= 16 && AbsentPages(mapping_, p, pages, absent)) {
+  if (AbsentPages(mapping_, p, pages, absent)) {  // see EncodePageRecords
     for (uint64_t i = 0; i < pages; i++) out[i] = absent[i] || PageIsZero(p + i * kPage) ? 1 : 0;
     return env.Undefined();
   }
@@ -384,11 +384,12 @@ Napi::Value GuestMemory::LoadPageRecords(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(at));
 }
 
-// The source's hot loop: records for `pages` consecutive pages from
+// The source's hot loop: records for up to `pages` consecutive pages from
 // memOffset, all with CONTINUE (the caller has named the block already): a
 // zero page as ZERO (9 bytes), any other as PAGE + its 4096 bytes, written
-// into out at outPos. The caller reserves pages * 4104 bytes; the return
-// value is how many were used (so pages sent as ZERO = (reserved - used) / 4095).
+// into out from outPos. Stops early when a page record might not fit (a zero
+// page costs 9 bytes, so a chunk takes many more of those than of pages).
+// Returns { pages, bytes }: how many pages were encoded, in how many bytes.
 Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t memOffset = ArgU64(info, 0, "memOffset");
@@ -398,12 +399,18 @@ Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
   uint64_t outPos = ArgU64(info, 4, "outPos");
   CheckRange(env, memOffset, pages * kPage, true);
   if (blockOffset % kPage != 0) ThrowRangeError(env, "blockOffset must be a multiple of 4096");
-  if (outPos > outLen || pages * (8 + kPage) > outLen - outPos) ThrowRangeError(env, "out has no room for pages * 4104 bytes");
+  constexpr uint64_t kRecord = 8 + kPage;
+  if (outPos > outLen || (pages > 0 && outLen - outPos < kRecord)) ThrowRangeError(env, "out has no room for a page record (4104 bytes)");
   const uint8_t* src = base_ + memOffset;
+  // Always ask the page map: reading a never-touched page maps THP's huge zero
+  // page over its whole 2 MiB, and later scans would then read all of it.
   std::vector<uint8_t> absent;
-  bool haveAbsent = pages >= 16 && AbsentPages(mapping_, src, pages, absent);
-  uint8_t* o = out + outPos;
-  for (uint64_t i = 0; i < pages; i++) {
+  bool haveAbsent = AbsentPages(mapping_, src, pages, absent);
+  uint8_t* const start = out + outPos;
+  uint8_t* const end = out + outLen;
+  uint8_t* o = start;
+  uint64_t i = 0;
+  for (; i < pages && static_cast<uint64_t>(end - o) >= kRecord; i++) {
     const uint8_t* page = src + i * kPage;
     bool zero = (haveAbsent && absent[i]) || PageIsZero(page);
     uint64_t word = (blockOffset + i * kPage) | (zero ? 0x02 | 0x20 : 0x08 | 0x20);  // ZERO or PAGE, | CONTINUE
@@ -412,12 +419,15 @@ Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
     if (zero) {
       *o++ = 0;
     } else {
-      // SAFETY: page lies in the mapping (CheckRange); o has room (checked above).
+      // SAFETY: page lies in the mapping (CheckRange); o has room (loop condition).
       memcpy(o, page, kPage);
       o += kPage;
     }
   }
-  return Napi::Number::New(env, static_cast<double>(o - (out + outPos)));
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("pages", Napi::Number::New(env, static_cast<double>(i)));
+  r.Set("bytes", Napi::Number::New(env, static_cast<double>(o - start)));
+  return r;
 }
 
 Napi::Value GuestMemory::Close(const Napi::CallbackInfo& info) {

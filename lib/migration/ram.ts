@@ -37,7 +37,6 @@ const RUN_MAX = 256; // most pages per zero scan (1 MiB)
 const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE; // be64 header + page, with CONTINUE
 const PAGE_CONTINUE = RAM_FLAG.PAGE | RAM_FLAG.CONTINUE; // low byte of such a header
 const ZERO_RECORD_BYTES = 9; // be64 header + fill byte, with CONTINUE
-const MIN_NATIVE_RUN = 16; // pages: the native zero check consults the page map from 16 pages up
 
 /** Page views over one block, one ArrayBuffer per GiB. */
 class BlockViews {
@@ -150,7 +149,7 @@ export class RamSender {
     const enc = this.enc;
     const w = enc.w;
     const start = w.totalBytes;
-    while (this.dirty > 0) {
+    while (this.dirty > 0 && w.totalBytes - start < maxBytes && !w.error) {
       const b = this.blocks[this.blockIndex]!;
       const page = b.bitmap.next(b.cursor);
       if (page < 0) {
@@ -158,34 +157,33 @@ export class RamSender {
         this.blockIndex = (this.blockIndex + 1) % this.blocks.length;
         continue;
       }
-      // No more than the batch still has room for (zero pages cost 9 bytes, so
-      // a run may still overshoot when they turn out zero: bounded by RUN_MAX).
-      const room = Math.ceil((maxBytes - (w.totalBytes - start)) / TARGET_PAGE_SIZE);
-      const run = b.bitmap.runLength(page, Math.max(1, Math.min(RUN_MAX, room)));
-      b.bitmap.clearRange(page, run);
+      const run = b.bitmap.runLength(page, RUN_MAX);
       const memBase = b.ref.memOffset ?? 0;
       let i = 0;
       if (enc.lastBlock !== b.ref.idstr) {
         this.encodeNamed(b, page);
         i = 1;
       }
+      // The native encoder stops when its window is full: the window is the
+      // chunk's room (a fresh chunk when not even one page record fits),
+      // capped by what the batch may still add (zero pages take 9 bytes, so a
+      // batch holds up to 29,000 of them but only 64 pages of data).
       while (i < run && !w.error) {
-        // What fits the current chunk, but at least MIN_NATIVE_RUN pages (else a fresh chunk):
-        // the zero check of short runs reads never-touched pages instead of asking the page map.
-        let n = Math.min(run - i, Math.floor(w.room / PAGE_RECORD_BYTES));
-        if (n < MIN_NATIVE_RUN) n = Math.min(run - i, Math.floor(w.maxReserve / PAGE_RECORD_BYTES));
+        const left = maxBytes - (w.totalBytes - start);
+        if (left <= 0) break;
+        const size = Math.min(w.room >= PAGE_RECORD_BYTES ? w.room : w.maxReserve, Math.max(PAGE_RECORD_BYTES, left));
         const offset = (page + i) * TARGET_PAGE_SIZE;
-        const { buf, at } = w.reserve(n * PAGE_RECORD_BYTES);
-        const unused = n * PAGE_RECORD_BYTES - b.ref.memory.encodePageRecords(memBase + offset, offset, n, buf, at);
-        w.unreserve(unused);
-        const zeros = unused / (PAGE_RECORD_BYTES - ZERO_RECORD_BYTES);
+        const { buf, at } = w.reserve(size);
+        const r = b.ref.memory.encodePageRecords(memBase + offset, offset, run - i, buf.subarray(at, at + size), 0);
+        w.unreserve(size - r.bytes);
+        const zeros = (r.pages * PAGE_RECORD_BYTES - r.bytes) / (PAGE_RECORD_BYTES - ZERO_RECORD_BYTES);
         this.counts.duplicate += zeros;
-        this.counts.normal += n - zeros;
-        i += n;
+        this.counts.normal += r.pages - zeros;
+        i += r.pages;
       }
-      this.dirty -= run;
-      b.cursor = page + run;
-      if (w.totalBytes - start >= maxBytes) break;
+      b.bitmap.clearRange(page, i);
+      this.dirty -= i;
+      b.cursor = page + i;
     }
     return this.dirty === 0;
   }

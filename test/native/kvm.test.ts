@@ -154,14 +154,18 @@ describe('native: GuestMemory', function () {
       const REC = 8 + PAGE;
       const out = Buffer.alloc(10 + 8 * REC, 0xee);
       // Pages 0..7 of the mapping, sent as offsets 8..15 of a block: 3 non-zero (1, 2, 5), 5 zero.
-      const used = src.encodePageRecords(0, 8 * PAGE, 8, out, 10);
-      assert.equal(used, 3 * REC + 5 * 9);
+      const r = src.encodePageRecords(0, 8 * PAGE, 8, out, 10);
+      const used = r.bytes;
+      assert.deepEqual(r, { pages: 8, bytes: 3 * REC + 5 * 9 });
       assert.equal(out[9], 0xee, 'nothing written before outPos');
       assert.equal(out.readBigUInt64BE(10), BigInt(8 * PAGE) | 0x22n, 'page 0: ZERO | CONTINUE at its block offset');
       assert.equal(out[18], 0, 'fill byte');
       assert.equal(out.readBigUInt64BE(19), BigInt(9 * PAGE) | 0x28n, 'page 1: PAGE | CONTINUE');
       assert.ok(out.subarray(27, 27 + PAGE).every((x) => x === 1));
-      assert.throws(() => src.encodePageRecords(0, 0, 8, out, 11), { code: 'ERR_OUT_OF_RANGE' }, 'no room for 8 records');
+      // Room for two page records: page 0 (zero, 9 bytes) and page 1 (data) fit; the 4095 bytes
+      // left cannot hold a page record, so it stops there.
+      assert.deepEqual(src.encodePageRecords(0, 0, 8, Buffer.alloc(2 * REC), 0), { pages: 2, bytes: 9 + REC });
+      assert.throws(() => src.encodePageRecords(0, 0, 8, out, out.length - REC + 1), { code: 'ERR_OUT_OF_RANGE' }, 'no room for one record');
       assert.throws(() => src.encodePageRecords(60 * PAGE, 0, 8, Buffer.alloc(8 * REC), 0), { code: 'ERR_OUT_OF_RANGE' });
 
       // Load: only PAGE|CONTINUE records are placed; the ZERO record at the start stops the loop at once.
