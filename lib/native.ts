@@ -57,6 +57,19 @@ export interface GuestMemory {
    */
   encodePageRecords(memOffset: number, blockOffset: number, pages: number, out: Uint8Array, outPos: number): { pages: number; bytes: number };
   /**
+   * The records encodePageRecords would write, sent to the socket `fd`
+   * straight from guest memory (sendmsg, MSG_DONTWAIT | MSG_NOSIGNAL): pages
+   * are encoded while their records fit in maxBytes (at least one page), and
+   * what is not sent (bytes - sent: the socket was full, or every record is
+   * a ZERO one and not worth a syscall) is copied to the start of `spill` (at
+   * least maxBytes long) for the caller to send next. With sendAllowed false
+   * only all-ZERO runs are encoded (into spill); a run with page data is left
+   * alone (pages 0) so the caller can send what it holds first.
+   */
+  sendPageRecords(
+    fd: number, memOffset: number, blockOffset: number, pages: number, maxBytes: number, spill: Uint8Array, sendAllowed: boolean,
+  ): { pages: number; bytes: number; sent: number };
+  /**
    * Detach every view, munmap, close the backing fd. Idempotent. Afterwards
    * methods throw ERR_MEMORY_CLOSED; views read as length 0.
    */
@@ -354,6 +367,8 @@ export interface Binding {
    * settled on (capped by net.core.wmem_max/rmem_max, reported doubled).
    */
   setSocketBuffer(fd: number, send: boolean, bytes: number): number;
+  /** sendmsg (MSG_DONTWAIT | MSG_NOSIGNAL) of the pieces, the first from `offset`, at most IOV_MAX of them: bytes sent, null on EAGAIN. */
+  sendPieces(fd: number, pieces: readonly Uint8Array[], offset: number): number | null;
   /** read(2) on a non-blocking fd into buf: bytes read (0 = EOF), null on EAGAIN. */
   readInto(fd: number, buf: Uint8Array): number | null;
   /** recvmsg on a non-blocking socket fd: bytes read into buf and any SCM_RIGHTS fds (O_CLOEXEC). null on EAGAIN; bytes 0 = EOF. */

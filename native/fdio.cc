@@ -21,6 +21,8 @@
 #include <linux/kvm.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/uio.h>
+#include <limits.h>
 #include <unistd.h>
 #include <uv.h>
 
@@ -191,6 +193,45 @@ class FdPoller : public Napi::ObjectWrap<FdPoller> {
   Napi::FunctionReference cb_;
   std::unique_ptr<Napi::AsyncContext> ctx_;
 };
+
+// sendPieces(fd, pieces, offset) -> bytes sent | null on EAGAIN (nothing sent).
+// One sendmsg (MSG_DONTWAIT | MSG_NOSIGNAL) over the pieces, the first one
+// from `offset`; at most IOV_MAX pieces per call.
+Napi::Value SendPieces(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = ArgInt(info, 0, "fd");
+  if (!info[1].IsArray()) ThrowArgError(env, "pieces must be an array of Uint8Arrays");
+  Napi::Array arr = info[1].As<Napi::Array>();
+  int offset = ArgInt(info, 2, "offset");
+  uint32_t n = arr.Length() < IOV_MAX ? arr.Length() : IOV_MAX;
+  std::vector<struct iovec> iov;
+  iov.reserve(n);
+  for (uint32_t i = 0; i < n; i++) {
+    Napi::Value v = arr.Get(i);
+    if (!v.IsTypedArray()) ThrowArgError(env, "pieces must be an array of Uint8Arrays");
+    Napi::TypedArray ta = v.As<Napi::TypedArray>();
+    auto* base = static_cast<uint8_t*>(ta.ArrayBuffer().Data());
+    size_t len = ta.ByteLength();
+    if (base == nullptr && len > 0) ThrowArgError(env, "a piece is detached");
+    size_t skip = i == 0 ? static_cast<size_t>(offset) : 0;
+    if (skip > len) ThrowArgError(env, "offset is past the first piece");
+    if (len - skip > 0) iov.push_back({base + ta.ByteOffset() + skip, len - skip});
+  }
+  if (iov.empty()) return Napi::Number::New(env, 0);
+  struct msghdr msg;
+  memset(&msg, 0, sizeof msg);
+  msg.msg_iov = iov.data();
+  msg.msg_iovlen = iov.size();
+  ssize_t r;
+  do {
+    r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+  } while (r < 0 && errno == EINTR);
+  if (r < 0) {
+    if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
+    ThrowSystemError(env, errno, "sendmsg", "sendPieces");
+  }
+  return Napi::Number::New(env, static_cast<double>(r));
+}
 
 // readInto(fd, buf) -> bytes read (0 = EOF) | null on EAGAIN. For readers
 // that recycle their buffers (Node's socket reads allocate one per read).
@@ -407,6 +448,7 @@ Napi::Object Constants(Napi::Env env) {
 void InitFdio(Napi::Env env, Napi::Object exports) {
   exports.Set("FdPoller", FdPoller::Class(env));
   exports.Set("setSocketBuffer", Napi::Function::New(env, SetSocketBuffer, "setSocketBuffer"));
+  exports.Set("sendPieces", Napi::Function::New(env, SendPieces, "sendPieces"));
   exports.Set("readInto", Napi::Function::New(env, ReadInto, "readInto"));
   exports.Set("recvWithFds", Napi::Function::New(env, RecvWithFds, "recvWithFds"));
   exports.Set("sendWithFds", Napi::Function::New(env, SendWithFds, "sendWithFds"));

@@ -23,6 +23,9 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <limits.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -88,6 +91,7 @@ Napi::Function GuestMemory::Class(Napi::Env env) {
                          InstanceMethod<&GuestMemory::ScanZeroPages>("scanZeroPages"),
                          InstanceMethod<&GuestMemory::LoadPageRecords>("loadPageRecords"),
                          InstanceMethod<&GuestMemory::EncodePageRecords>("encodePageRecords"),
+                         InstanceMethod<&GuestMemory::SendPageRecords>("sendPageRecords"),
                          InstanceMethod<&GuestMemory::Close>("close"),
                          InstanceAccessor<&GuestMemory::GetSize>("size"),
                          InstanceAccessor<&GuestMemory::GetAddress>("address"),
@@ -428,6 +432,102 @@ Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
   r.Set("pages", Napi::Number::New(env, static_cast<double>(i)));
   r.Set("bytes", Napi::Number::New(env, static_cast<double>(o - start)));
   return r;
+}
+
+// The same records as EncodePageRecords, sent to a socket straight from
+// guest memory (sendmsg over header and page iovecs: the kernel's copy is the
+// only one). Encodes pages while the records fit in maxBytes (at least one),
+// then sends without blocking; whatever is not sent (the socket was full, or
+// the records are all ZERO ones, not worth a syscall) is copied into `spill`
+// (maxBytes or more) for the caller to send after them, in order. With
+// sendAllowed false (the caller has bytes to send first) records with page
+// data are not sent: nothing is consumed and pages is 0.
+// Returns { pages, bytes, sent }.
+Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  int fd = static_cast<int>(ArgU64(info, 0, "fd", 0x7fffffff));
+  uint64_t memOffset = ArgU64(info, 1, "memOffset");
+  uint64_t blockOffset = ArgU64(info, 2, "blockOffset", 1ULL << 52);
+  uint64_t pages = ArgU64(info, 3, "pages", size_ / kPage);
+  uint64_t maxBytes = ArgU64(info, 4, "maxBytes", 1ULL << 30);
+  auto [spill, spillLen] = ArgBytes(info, 5, "spill");
+  bool sendAllowed = info[6].ToBoolean();
+  CheckRange(env, memOffset, pages * kPage, true);
+  if (blockOffset % kPage != 0) ThrowRangeError(env, "blockOffset must be a multiple of 4096");
+  constexpr uint64_t kRecord = 8 + kPage;
+  if (maxBytes < kRecord || spillLen < maxBytes) ThrowRangeError(env, "maxBytes must be at least 4104 and spill at least maxBytes long");
+  const uint8_t* src = base_ + memOffset;
+  std::vector<uint8_t> absent;
+  bool haveAbsent = AbsentPages(mapping_, src, pages, absent);  // see EncodePageRecords
+
+  // Headers first (their buffer must not move once iovecs point into it).
+  std::vector<uint8_t> hdr;
+  hdr.reserve(pages * 9);
+  std::vector<uint8_t> isZero;
+  uint64_t bytes = 0, n = 0;
+  for (; n < pages && bytes + (n == 0 ? 0 : kRecord) <= maxBytes; n++) {
+    bool zero = (haveAbsent && absent[n]) || PageIsZero(src + n * kPage);
+    uint64_t word = (blockOffset + n * kPage) | (zero ? 0x02 | 0x20 : 0x08 | 0x20);
+    for (int b = 7; b >= 0; b--) hdr.push_back(static_cast<uint8_t>(word >> (b * 8)));
+    if (zero) hdr.push_back(0);
+    isZero.push_back(zero);
+    bytes += zero ? 9 : kRecord;
+  }
+  // iovecs: consecutive zero records are contiguous in hdr and share one.
+  std::vector<struct iovec> iov;
+  iov.reserve(2 * n);
+  size_t h = 0;
+  for (uint64_t i = 0; i < n; i++) {
+    size_t len = isZero[i] ? 9 : 8;
+    if (!iov.empty() && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == hdr.data() + h)
+      iov.back().iov_len += len;
+    else
+      iov.push_back({hdr.data() + h, len});
+    h += len;
+    // SAFETY: the page lies in the mapping (CheckRange); the kernel only reads it.
+    if (!isZero[i]) iov.push_back({const_cast<uint8_t*>(src + i * kPage), kPage});
+  }
+  uint64_t sent = 0;
+  size_t first = 0;
+  // Only zero records: not worth a syscall of their own (2 KiB per 256 pages);
+  // they go back through spill into the caller's buffer of small records.
+  bool anyPage = false;
+  for (uint64_t i = 0; i < n && !anyPage; i++) anyPage = !isZero[i];
+  if (anyPage && !sendAllowed) {  // earlier bytes must go first: nothing consumed
+    Napi::Object none = Napi::Object::New(env);
+    none.Set("pages", Napi::Number::New(env, 0));
+    none.Set("bytes", Napi::Number::New(env, 0));
+    none.Set("sent", Napi::Number::New(env, 0));
+    return none;
+  }
+  while (anyPage && first < iov.size()) {
+    struct msghdr msg;
+    memset(&msg, 0, sizeof msg);
+    msg.msg_iov = iov.data() + first;
+    msg.msg_iovlen = iov.size() - first < IOV_MAX ? iov.size() - first : IOV_MAX;
+    ssize_t r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+    if (r < 0) ThrowSystemError(env, errno, "sendmsg", "sendPageRecords");
+    sent += static_cast<uint64_t>(r);
+    size_t k = static_cast<size_t>(r);
+    while (first < iov.size() && k >= iov[first].iov_len) k -= iov[first++].iov_len;
+    if (first < iov.size() && k > 0) {  // a partly sent iovec
+      iov[first].iov_base = static_cast<uint8_t*>(iov[first].iov_base) + k;
+      iov[first].iov_len -= k;
+    }
+  }
+  // The unsent tail, copied out in order (the pages may change after we return).
+  uint8_t* o = spill;
+  for (size_t i = first; i < iov.size(); i++) {
+    memcpy(o, iov[i].iov_base, iov[i].iov_len);
+    o += iov[i].iov_len;
+  }
+  Napi::Object res = Napi::Object::New(env);
+  res.Set("pages", Napi::Number::New(env, static_cast<double>(n)));
+  res.Set("bytes", Napi::Number::New(env, static_cast<double>(bytes)));
+  res.Set("sent", Napi::Number::New(env, static_cast<double>(sent)));
+  return res;
 }
 
 Napi::Value GuestMemory::Close(const Napi::CallbackInfo& info) {

@@ -32,6 +32,7 @@ class GuestMemory : public Napi::ObjectWrap<GuestMemory> {
   Napi::Value ScanZeroPages(const Napi::CallbackInfo& info);
   Napi::Value LoadPageRecords(const Napi::CallbackInfo& info);
   Napi::Value EncodePageRecords(const Napi::CallbackInfo& info);
+  Napi::Value SendPageRecords(const Napi::CallbackInfo& info);
   Napi::Value Close(const Napi::CallbackInfo& info);
   Napi::Value GetSize(const Napi::CallbackInfo& info);
   Napi::Value GetAddress(const Napi::CallbackInfo& info);

@@ -20,6 +20,7 @@ import type { GuestMemory } from '../native';
 import { RAM_FLAG, TARGET_PAGE_SIZE } from '../stream/constants';
 import type { StreamReader } from '../stream/reader';
 import { RamEncoder, RamRecordParser, type RamBlockInfo, type RamRecord } from '../stream/ram-codec';
+import type { FdSink } from '../stream/fd-sink';
 import type { StreamWriter } from '../stream/writer';
 import { PageBitmap } from './bitmap';
 
@@ -79,6 +80,8 @@ export class RamSender {
   constructor(
     blocks: readonly RamBlockRef[],
     private readonly enc: RamEncoder,
+    /** A socket sink: page runs then go from guest memory to the socket directly while it is idle. */
+    private readonly direct?: FdSink,
   ) {
     this.blocks = blocks.map((ref) => ({ ref, views: new BlockViews(ref), bitmap: new PageBitmap(ref.size / TARGET_PAGE_SIZE), cursor: 0 }));
   }
@@ -149,7 +152,7 @@ export class RamSender {
     const enc = this.enc;
     const w = enc.w;
     const start = w.totalBytes;
-    while (this.dirty > 0 && w.totalBytes - start < maxBytes && !w.error) {
+    while (this.dirty > 0 && (w.totalBytes === start || w.totalBytes - start + PAGE_RECORD_BYTES <= maxBytes) && !w.error) {
       const b = this.blocks[this.blockIndex]!;
       const page = b.bitmap.next(b.cursor);
       if (page < 0) {
@@ -169,16 +172,23 @@ export class RamSender {
       // capped by what the batch may still add (zero pages take 9 bytes, so a
       // batch holds up to 29,000 of them but only 64 pages of data).
       while (i < run && !w.error) {
+        // Full once another page record might not fit (else the end of a batch of
+        // 9-byte zero records would go one page per call); the first always fits.
         const left = maxBytes - (w.totalBytes - start);
-        if (left <= 0) break;
-        const size = Math.min(w.room >= PAGE_RECORD_BYTES ? w.room : w.maxReserve, Math.max(PAGE_RECORD_BYTES, left));
+        if (left < PAGE_RECORD_BYTES && w.totalBytes > start) break;
         const offset = (page + i) * TARGET_PAGE_SIZE;
+        if (this.direct) {
+          const r = this.sendDirect(this.direct, b.ref.memory, memBase + offset, offset, run - i, Math.max(PAGE_RECORD_BYTES, left));
+          if (r > 0) {
+            i += r;
+            continue;
+          }
+        }
+        const size = Math.min(w.room >= PAGE_RECORD_BYTES ? w.room : w.maxReserve, Math.max(PAGE_RECORD_BYTES, left));
         const { buf, at } = w.reserve(size);
         const r = b.ref.memory.encodePageRecords(memBase + offset, offset, run - i, buf.subarray(at, at + size), 0);
         w.unreserve(size - r.bytes);
-        const zeros = (r.pages * PAGE_RECORD_BYTES - r.bytes) / (PAGE_RECORD_BYTES - ZERO_RECORD_BYTES);
-        this.counts.duplicate += zeros;
-        this.counts.normal += r.pages - zeros;
+        this.count(r.pages, r.bytes);
         i += r.pages;
       }
       b.bitmap.clearRange(page, i);
@@ -186,6 +196,34 @@ export class RamSender {
       b.cursor = page + i;
     }
     return this.dirty === 0;
+  }
+
+  /** Counts `pages` page records that took `bytes` (ZERO records 9 bytes, PAGE records 4104). */
+  private count(pages: number, bytes: number): void {
+    const zeros = (pages * PAGE_RECORD_BYTES - bytes) / (PAGE_RECORD_BYTES - ZERO_RECORD_BYTES);
+    this.counts.duplicate += zeros;
+    this.counts.normal += pages - zeros;
+  }
+
+  /**
+   * A run straight from guest memory to the socket (FdSink.sendPages).
+   * Records the socket did not take, and all-ZERO runs (a few KiB, not worth
+   * a syscall), come back and go into the writer; when the writer holds
+   * bytes and the run has page data, those bytes are flushed first. Returns
+   * the pages done, 0 when the run must go through the writer instead.
+   */
+  private sendDirect(sink: FdSink, mem: GuestMemory, memOffset: number, blockOffset: number, pages: number, maxBytes: number): number {
+    const w = this.enc.w;
+    let r = sink.sendPages(mem, memOffset, blockOffset, pages, maxBytes, w.pendingBytes > 0);
+    if (r.pages === 0 && w.pendingBytes > 0) {
+      w.flushNow(sink); // the socket usually takes it at once; else the run goes through the writer
+      if (w.pendingBytes === 0) r = sink.sendPages(mem, memOffset, blockOffset, pages, maxBytes, false);
+    }
+    if (r.pages === 0) return 0;
+    w.countSent(r.bytes - r.rest.byteLength);
+    w.putBytes(r.rest);
+    this.count(r.pages, r.bytes);
+    return r.pages;
   }
 
   /** One page as a record that names its block (the first after another block, or on a new channel). */

@@ -19,7 +19,9 @@ import { MIG_CMD, SectionType, TARGET_PAGE_SIZE } from '../stream/constants';
 import { GLOBALSTATE_VMSD, TIMER_VMSD, globalState, timerState } from '../stream/devices';
 import { RamEncoder } from '../stream/ram-codec';
 import { buildVmdesc, formatVmdescJson, writeDeviceSection, type DeviceSection, type VmdescDevice } from '../stream/vmstate';
+import { FdSink } from '../stream/fd-sink';
 import { StreamSink, StreamWriter } from '../stream/writer';
+import { native } from '../native';
 import type { RamStats } from './info';
 import type { DeviceStateSection, MigratableMachine } from './machine-port';
 import type { MigrationOptions } from './options';
@@ -69,6 +71,8 @@ export class OutgoingMigration extends EventEmitter {
   private continueResolve: (() => void) | undefined;
   private rp: RpReader | undefined;
   private rpError: Error | undefined;
+  /** The native socket writer, when the channel is a socket (closed when the run ends). */
+  private fdSink: FdSink | undefined;
   private shut: Promise<RpMessage> | undefined;
   private vcpusStoppedByUs = false;
   private wasRunning = false;
@@ -94,6 +98,7 @@ export class OutgoingMigration extends EventEmitter {
       this.state.setState(s, 'cancelling');
     }
     this.abort.abort(new MigrationCancelled());
+    this.fdSink?.close(new MigrationCancelled());
     this.channel?.destroy(new MigrationCancelled());
     this.continueResolve?.();
   }
@@ -119,6 +124,7 @@ export class OutgoingMigration extends EventEmitter {
     } catch (err) {
       await this.fail(err as Error);
     } finally {
+      this.fdSink?.close();
       try {
         m.dirtyLogStop();
       } catch {
@@ -135,10 +141,16 @@ export class OutgoingMigration extends EventEmitter {
   private async transfer(channel: OutgoingChannel): Promise<void> {
     const m = this.machine;
     const opts = this.options;
-    const sink = new StreamSink(channel.stream, { maxQueued: MAX_QUEUED });
+    // A socket gets the native writer: pages go from guest memory to the kernel with no copy of ours.
+    const fd = channel.writeFd?.();
+    if (fd !== undefined) {
+      this.fdSink = new FdSink(native(), fd);
+      if (this.abort.signal.aborted) this.fdSink.close(new MigrationCancelled());
+    }
+    const sink = this.fdSink ?? new StreamSink(channel.stream, { maxQueued: MAX_QUEUED });
     const w = new StreamWriter({ sink, chunkSize: CHUNK_BYTES, maxFreeChunks: 4 });
     const enc = new RamEncoder(w);
-    const sender = new RamSender(m.ramBlocks, enc);
+    const sender = new RamSender(m.ramBlocks, enc, this.fdSink);
     this.stats.setTotal(sender.totalBytes);
 
     w.header();
@@ -393,6 +405,7 @@ export class OutgoingMigration extends EventEmitter {
   private async fail(err: Error): Promise<void> {
     const m = this.machine;
     const st = this.state;
+    this.fdSink?.close(err);
     this.channel?.destroy(err);
     if (this.vcpusStoppedByUs || m.runState === 'finish-migrate') {
       try {

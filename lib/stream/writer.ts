@@ -41,13 +41,25 @@ import {
 } from './constants';
 import { StreamWriteError } from './errors';
 
+/** Where flush() sends pieces: StreamSink (a Node Writable) or FdSink (a socket fd). */
+export interface PieceSink {
+  /** Writes the pieces in order; resolves when the sink can take more. */
+  write(pieces: readonly Uint8Array[]): Promise<void>;
+  /** The sink is done with a piece once `completed` has passed it (so its memory may be reused). */
+  readonly copies: boolean;
+  /** Bytes accepted so far. */
+  readonly written: number;
+  /** Bytes handed on (to the kernel) so far. */
+  readonly completed: number;
+}
+
 export interface WriterOptions {
   /** Size of each output chunk (default 1 MiB). */
   chunkSize?: number;
   /** putRef() copies payloads shorter than this instead of referencing them (default 512). */
   minRefSize?: number;
   /** Optional sink for flush(). */
-  sink?: StreamSink;
+  sink?: PieceSink;
   /** Most free chunks kept for reuse (default 4). */
   maxFreeChunks?: number;
 }
@@ -86,12 +98,12 @@ export class StreamWriter {
   private retired: Buffer[] = [];
   /** Retired chunks flushed through `recycleSink`, reusable once it completed `end` bytes. */
   private pending: { end: number; chunks: Buffer[] }[] = [];
-  private recycleSink: StreamSink | undefined;
+  private recycleSink: PieceSink | undefined;
   /** Chunks free for reuse (their bytes have been written out). */
   private readonly free: Buffer[] = [];
   private readonly maxFree: number;
   private _chunksAllocated = 1;
-  sink: StreamSink | undefined;
+  sink: PieceSink | undefined;
 
   constructor(opts: WriterOptions = {}) {
     this.chunkSize = opts.chunkSize ?? 1 << 20;
@@ -395,7 +407,7 @@ export class StreamWriter {
   }
 
   /** Writes all pending pieces to the sink, honouring backpressure. */
-  async flush(sink: StreamSink | undefined = this.sink): Promise<void> {
+  async flush(sink: PieceSink | undefined = this.sink): Promise<void> {
     if (!sink) throw new StreamWriteError('StreamWriter.flush: no sink', 'ERR_INVALID_ARG_VALUE');
     const pieces = this.takePieces();
     const retired = this.retired;
@@ -415,6 +427,21 @@ export class StreamWriter {
       this.setError(err as Error);
       throw err;
     }
+  }
+
+  /**
+   * Starts flush() without waiting for it: the sink takes the pieces now
+   * (an FdSink sends what the socket accepts at once). An error latches as
+   * in flush().
+   */
+  flushNow(sink: PieceSink | undefined = this.sink): void {
+    if (this.pendingBytes === 0) return;
+    this.flush(sink).catch(() => undefined);
+  }
+
+  /** Counts `n` bytes of the stream that went out around the writer (FdSink.sendPages). */
+  countSent(n: number): void {
+    this._total += n;
   }
 
   // ---- internals ----
@@ -469,7 +496,7 @@ export interface SinkOptions {
  * The first error (from 'error' or a closed stream) latches and every later
  * write rejects with it.
  */
-export class StreamSink {
+export class StreamSink implements PieceSink {
   private readonly w: Writable;
   private _error: Error | undefined;
   private closed = false;

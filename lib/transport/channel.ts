@@ -66,6 +66,13 @@ export class SocketChannel {
     return this.firstError;
   }
 
+  writeFd(): number | undefined {
+    const s = this.stream;
+    if (s.destroyed || s.writableLength > 0 || s.writableEnded) return undefined;
+    const fd = socketFd(s);
+    return fd >= 0 ? fd : undefined;
+  }
+
   readFd(): number | undefined {
     const s = this.stream;
     // Only while Node has neither read nor been asked to (no flowing, no 'readable' consumer).

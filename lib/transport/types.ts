@@ -59,6 +59,12 @@ export interface OutgoingChannel extends ChannelCommon {
   readonly stream: Writable;
   /** The destination's return path: for sockets the same net.Socket as `stream`. */
   readonly returnPath?: Readable;
+  /**
+   * For a tcp/unix/socket-fd connection nothing has been written to yet: the
+   * socket's fd, for a writer that sends natively (lib/stream/fd-sink). The
+   * caller must then not write to `stream` itself. Undefined otherwise.
+   */
+  writeFd?(): number | undefined;
 }
 
 export interface IncomingChannel extends ChannelCommon {
