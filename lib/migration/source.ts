@@ -287,7 +287,7 @@ export class OutgoingMigration extends EventEmitter {
   private rateLimitBytesPerWindow(): number {
     const max = this.options.parameterNumber('max-bandwidth');
     if (!Number.isFinite(max) || max <= 0 || max >= Number.MAX_SAFE_INTEGER) return 0;
-    return max / 10;
+    return Math.floor(max / 10);
   }
 
   private async complete(w: StreamWriter, enc: RamEncoder, sender: RamSender, channel: OutgoingChannel): Promise<void> {

@@ -13,7 +13,9 @@ import os from 'node:os';
 import path from 'node:path';
 import { PassThrough, Writable } from 'node:stream';
 
-import { RamLoader } from '../../lib/migration/ram';
+import { RamLoader, RamSender } from '../../lib/migration/ram';
+import { FdSink } from '../../lib/stream/fd-sink';
+import { socketFd } from '../../lib/util/socket-fd';
 import { native, type GuestMemory } from '../../lib/native';
 import { RamEncoder } from '../../lib/stream/ram-codec';
 import { StreamReader } from '../../lib/stream/reader';
@@ -69,6 +71,111 @@ describe('precopy RAM path: chunk recycling, bounded queueing, zero runs', funct
     assert.ok(bytes.equals(expected), 'stream differs: a chunk was reused before its bytes were written');
     // ~2.2 MB through 8 KiB chunks: without reuse that is ~270 chunks.
     assert.ok(w.chunksAllocated < 40, `allocated ${w.chunksAllocated} chunks; recycling did not happen`);
+  });
+
+  /** A unix socket pair: the client end and a promise of every byte the server end receives (read from `readAfterMs`). */
+  async function socketPair(name: string, readAfterMs: number): Promise<{ client: net.Socket; peer: Promise<net.Socket>; got: Promise<Buffer>; close(): void }> {
+    const sock = path.join(dir, name);
+    const server = net.createServer();
+    let gotPeer!: (s: net.Socket) => void;
+    const peer = new Promise<net.Socket>((r) => (gotPeer = r));
+    const got = new Promise<Buffer>((resolve) => {
+      server.on('connection', (c) => {
+        gotPeer(c);
+        const parts: Buffer[] = [];
+        c.pause();
+        setTimeout(() => c.resume(), readAfterMs);
+        c.on('data', (d: Buffer) => parts.push(d));
+        c.on('end', () => resolve(Buffer.concat(parts)));
+      });
+    });
+    await new Promise<void>((r) => server.listen(sock, r));
+    const client = net.connect(sock);
+    await new Promise<void>((r) => client.once('connect', () => r()));
+    return { client, peer, got, close: () => server.close() };
+  }
+
+  /** RAM of `pages` pages: zero runs, data runs and lone pages, different on every page. */
+  function mixedRam(pages: number): GuestMemory {
+    const mem = new (native().GuestMemory)(pages * PAGE);
+    mems.push(mem);
+    const v = new Uint8Array(mem.view(0, pages * PAGE));
+    for (let p = 0; p < pages; p++) {
+      if (p % 97 < 40 || p % 13 === 0) continue; // zero
+      v.set(crypto.createHash('sha256').update(String(p)).digest(), p * PAGE + (p % 64) * 8);
+    }
+    return mem;
+  }
+
+  async function sendAll(mem: GuestMemory, pages: number, sink: FdSink | StreamSink): Promise<void> {
+    const w = new StreamWriter({ sink, chunkSize: 64 << 10 });
+    const enc = new RamEncoder(w);
+    const sender = new RamSender([{ idstr: 'pc.ram', size: pages * PAGE, memory: mem }], enc, sink instanceof FdSink ? sink : undefined);
+    w.put32(0xfeedf00d);
+    sender.markAllDirty();
+    for (let batch = 1; ; batch++) {
+      const done = sender.encodeSome(batch % 3 === 0 ? 5000 : 200 << 10); // small batches too
+      w.put32(batch); // interleaved non-page bytes must keep their place
+      await w.flush();
+      if (done) break;
+    }
+    enc.eos();
+    await w.flush();
+    assert.equal(sender.counts.normal + sender.counts.duplicate, pages);
+  }
+
+  it('FdSink: page runs sent straight from guest memory make the same byte stream as the writer path, under backpressure', async () => {
+    const pages = 3000; // ~12 MiB, far more than the 4 KiB send buffer and the late reader hold
+    const mem = mixedRam(pages);
+    const viaWriter = await socketPair('w.sock', 0);
+    await sendAll(mem, pages, new StreamSink(viaWriter.client));
+    viaWriter.client.end();
+    const expected = await viaWriter.got;
+    viaWriter.close();
+
+    const direct = await socketPair('d.sock', 150);
+    const b = native();
+    b.setSocketBuffer(socketFd(direct.client), true, 4096);
+    const sink = new FdSink(b, socketFd(direct.client));
+    await sendAll(mem, pages, sink);
+    assert.ok(sink.idle && sink.completed === sink.written, 'everything handed to the kernel');
+    sink.close();
+    direct.client.end();
+    const bytes = await direct.got;
+    direct.close();
+    assert.equal(bytes.length, expected.length);
+    assert.ok(bytes.equals(expected), 'the direct path reordered, lost or duplicated bytes');
+  });
+
+  it('FdSink: a peer that goes away fails the write with a Node-style error, and close() releases a waiting write', async () => {
+    const pair = await socketPair('x.sock', 1e9); // never reads
+    const b = native();
+    b.setSocketBuffer(socketFd(pair.client), true, 4096);
+    const sink = new FdSink(b, socketFd(pair.client));
+    const pending = sink.write([Buffer.alloc(1 << 20)]);
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(sink.idle, false, 'a full socket leaves bytes queued');
+    sink.close(new Error('cancelled'));
+    await assert.rejects(pending, /cancelled/);
+    pair.client.destroy();
+    pair.close();
+
+    const gone = await socketPair('y.sock', 0);
+    gone.client.on('error', () => undefined); // Node's own read side sees the reset too
+    const sink2 = new FdSink(b, socketFd(gone.client));
+    await sink2.write([Buffer.from('hello')]);
+    (await gone.peer).destroy(); // writes then fail with EPIPE or ECONNRESET
+    gone.close();
+    let err: NodeJS.ErrnoException | undefined;
+    for (let i = 0; i < 50 && !err; i++) {
+      await sink2.write([Buffer.alloc(64 << 10)]).catch((e: NodeJS.ErrnoException) => (err = e));
+      await new Promise((r) => setTimeout(r, 5));
+    }
+    sink2.close();
+    gone.client.destroy();
+    assert.ok(err, 'writing to a closed peer fails');
+    assert.match(String(err!.code), /^(EPIPE|ECONNRESET)$/);
+    assert.equal(err!.syscall, 'sendmsg');
   });
 
   it('never reuses chunks behind a Writable that keeps references (PassThrough read late)', async () => {
