@@ -201,8 +201,11 @@ export interface Vcpu {
    * postedPorts: OUT to these ports is handed to onExit without the guest
    * waiting for it (in order with every other exit); use for writes whose
    * effects the guest can only observe through a later exit.
+   * shadowPorts/shadow: a 1-byte IN from shadowPorts[i] is answered by the
+   * vCPU thread with shadow[2i+1] while shadow[2i] is 1 (JS keeps both
+   * current), without an exit to JS.
    */
-  start(onExit: (exit: VcpuExit) => void, running: boolean, postedPorts?: number[]): void;
+  start(onExit: (exit: VcpuExit) => void, running: boolean, postedPorts?: number[], shadowPorts?: number[], shadow?: Uint8Array): void;
   /**
    * Stop KVM_RUN (immediate_exit + signal), completing any pending I/O
    * instruction so that the state read afterwards is consistent. Resolves when

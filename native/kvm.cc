@@ -115,8 +115,13 @@ class Kvm : public Napi::ObjectWrap<Kvm> {
  private:
   // INVARIANT: fd_ is -1 after close(); ioctls on it then fail with EBADF,
   // which is exactly the error a closed object must report.
+  // EINTR is retried: KVM_CREATE_VM can be interrupted by any signal (seen
+  // with the CPU profiler's SIGPROF), as QEMU's loop around it knows.
   int Ioctl(Napi::Env env, unsigned long req, unsigned long arg, const char* op) {
-    int r = ioctl(fd_, req, arg);
+    int r;
+    do {
+      r = ioctl(fd_, req, arg);
+    } while (r < 0 && errno == EINTR);
     if (r < 0) ThrowSystemError(env, errno, "ioctl", op);
     return r;
   }

@@ -185,6 +185,22 @@ Napi::Value Vcpu::Start(const Napi::CallbackInfo& info) {
       posted_ports_[static_cast<size_t>(d)] = true;
     }
   }
+  if (info.Length() > 4 && !info[3].IsUndefined()) {
+    if (!info[3].IsArray() || !info[4].IsTypedArray() || info[4].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array)
+      ThrowArgError(env, "shadowPorts must be an array of ports and shadow a Uint8Array of 2 bytes per port");
+    Napi::Array ports = info[3].As<Napi::Array>();
+    Napi::Uint8Array cells = info[4].As<Napi::Uint8Array>();
+    if (cells.ElementLength() < 2 * static_cast<size_t>(ports.Length())) ThrowArgError(env, "shadow needs 2 bytes per port");
+    if (cells.ArrayBuffer().Data() == nullptr && ports.Length() > 0) ThrowArgError(env, "shadow is detached");
+    for (uint32_t i = 0; i < ports.Length(); i++) {
+      Napi::Value v = ports.Get(i);
+      double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d >= 0 && d <= 65535) || d != static_cast<double>(static_cast<int>(d))) ThrowArgError(env, "shadowPorts: a port is 0..65535");
+      shadow_ports_.push_back(static_cast<uint16_t>(d));
+    }
+    shadow_ = cells.Data();
+    shadow_ref_ = Napi::Persistent(cells);
+  }
   InstallKickHandler();
 
   // The whole kvm_run mapping as one external buffer; exit.data views are
@@ -281,7 +297,7 @@ void Vcpu::ThreadMain() {
       switch (run_->exit_reason) {
         case KVM_EXIT_IO:
           needs_completion_ = true;
-          if (!PostWrite()) Deliver(0);
+          if (!ReadShadow() && !PostWrite()) Deliver(0);
           break;
         case KVM_EXIT_MMIO:
           needs_completion_ = true;
@@ -315,6 +331,22 @@ bool Vcpu::PostWrite() {
   memcpy(w->data, reinterpret_cast<uint8_t*>(run_) + io.data_offset, len);
   if (napi_call_threadsafe_function(tsfn_, w, napi_tsfn_blocking) != napi_ok) delete w;  // closing
   return true;
+}
+
+// A 1-byte IN from a shadowed port while JS marks the shadow valid: answered
+// here. JS keeps value and flag current after every change of the register,
+// and clears the flag while reads have effects or must follow earlier posted
+// writes (e.g. UART loopback); those reads go to JS, in order.
+bool Vcpu::ReadShadow() {
+  const auto& io = run_->io;
+  if (shadow_ == nullptr || io.direction != KVM_EXIT_IO_IN || io.size != 1 || io.count != 1 || io.data_offset + 1 > run_size_) return false;
+  for (size_t i = 0; i < shadow_ports_.size(); i++) {
+    if (shadow_ports_[i] != io.port) continue;
+    if (__atomic_load_n(&shadow_[2 * i], __ATOMIC_ACQUIRE) != 1) return false;
+    reinterpret_cast<uint8_t*>(run_)[io.data_offset] = __atomic_load_n(&shadow_[2 * i + 1], __ATOMIC_RELAXED);
+    return true;
+  }
+  return false;
 }
 
 // Hands the current exit to JS and waits until onExit returned (or close).

@@ -141,6 +141,7 @@ class Vcpu : public Napi::ObjectWrap<Vcpu> {
   void HandleParked(Napi::Env env);
   void HandlePosted(Napi::Env env, Napi::Function cb, PostedWrite* w);
   bool PostWrite();  // vCPU thread: queue the current OUT exit for JS; false if it must be delivered
+  bool ReadShadow();  // vCPU thread: answer the current 1-byte IN from a JS-kept shadow; false if JS must
   void StopThread();  // no JS: sets stop, kicks, joins, releases the TSFN
   void ResolvePauses(Napi::Env env);
 
@@ -170,6 +171,10 @@ class Vcpu : public Napi::ObjectWrap<Vcpu> {
   int pause_waiters_ = 0;         // (mu_) pause() promises not yet resolved
   bool needs_completion_ = false; // thread only: an IO/MMIO exit awaits its KVM_RUN re-entry
   std::vector<bool> posted_ports_; // set by start(), then read-only: OUT to these ports does not wait for JS
+  // set by start(), then read-only: IN from shadow_ports_[i] reads shadow_[2i+1] while shadow_[2i] is 1
+  std::vector<uint16_t> shadow_ports_;
+  uint8_t* shadow_ = nullptr;                 // SAFETY: kept alive by shadow_ref_ (a non-resizable buffer)
+  Napi::Reference<Napi::Uint8Array> shadow_ref_;
   std::vector<Napi::Promise::Deferred> pauses_;  // JS thread only
   Napi::ObjectReference self_ref_;               // strong while the thread exists (TSFN finalizer drops it)
   Napi::Reference<Napi::ArrayBuffer> run_ab_;    // external buffer over kvm_run, detached at Shutdown

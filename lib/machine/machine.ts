@@ -220,7 +220,8 @@ export class Machine extends EventEmitter implements StateHost {
           const timing = config.timingLeaf === false ? undefined : { tscKhz: vcpu.getTscKhz(), apicKhz: KVM_APIC_TIMER_KHZ };
           vcpu.setCpuid(encodeCpuid(vcpuCpuid(supported, i, this.cpus, timing)));
           vcpu.setMsrs([MSR_IA32_MISC_ENABLE], [MISC_ENABLE_FAST_STRING]);
-          vcpu.start((exit) => this.onExit(vcpu, exit), false, [...Uart16550.POSTED_PORTS]);
+          const uart = this.serialDevice;
+          vcpu.start((exit) => this.onExit(vcpu, exit), false, [...Uart16550.POSTED_PORTS], [...Uart16550.SHADOW_PORTS], uart.shadow);
         }
         this.resetState = {
           vcpus: this.vcpus.map((v) => captureVcpu(v, this.savedMsrs())),

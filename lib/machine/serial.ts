@@ -66,12 +66,24 @@ export class Uart16550 {
   static readonly BASE = 0x3f8;
   static readonly IRQ = 4;
   /**
-   * Ports whose writes need not stop the guest until handled (Vcpu postedPorts):
-   * THR (or DLL with DLAB set). A transmitted byte changes nothing the guest
-   * reads without another port access (an exit, handled after it in order);
-   * the THR-empty interrupt is raised when the write is handled.
+   * Ports whose writes need not stop the guest until handled (Vcpu
+   * postedPorts): every register but MCR. While the line status shadow is
+   * valid (no loopback, nothing received) no such write changes what the
+   * guest can read without an exit of its own, and those exits are handled
+   * after the writes, in order; interrupts are raised when a write is
+   * handled. MCR stays synchronous: entering loopback must invalidate the
+   * shadow before the guest reads LSR again.
    */
-  static readonly POSTED_PORTS: readonly number[] = [Uart16550.BASE];
+  static readonly POSTED_PORTS: readonly number[] = [0, 1, 2, 3, 5, 6, 7].map((o) => Uart16550.BASE + o);
+  /** Ports answered from `shadow` by the vCPU thread while valid (Vcpu shadowPorts): LSR. */
+  static readonly SHADOW_PORTS: readonly number[] = [Uart16550.BASE + 5];
+  /**
+   * [valid, value] for each SHADOW_PORTS entry, kept current after every
+   * change: the transmitter is always empty (THRE|TEMT); valid only while
+   * nothing is received and loopback is off, so that a read which depends on
+   * earlier (posted) writes or on the receiver goes to read() in order.
+   */
+  readonly shadow = new Uint8Array(2);
 
   private s: SerialState = Uart16550.resetState();
   private rx: number[] = [];
@@ -84,6 +96,7 @@ export class Uart16550 {
   constructor(opts: UartOptions) {
     this.setIrq = opts.setIrq;
     this.sink = opts.sink;
+    this.refreshShadow();
   }
 
   static resetState(): SerialState {
@@ -169,6 +182,7 @@ export class Uart16550 {
         return;
       case 4:
         s.mcr = value & 0x1f;
+        this.refreshShadow();
         return;
       case 5:
       case 6:
@@ -222,6 +236,14 @@ export class Uart16550 {
       this.irqLevel = level;
       this.setIrq?.(level);
     }
+    this.refreshShadow();
+  }
+
+  private refreshShadow(): void {
+    const valid = !(this.s.mcr & MCR_LOOP) && this.rx.length === 0;
+    if (!valid) this.shadow[0] = 0; // invalid first: the vCPU thread reads the flag, then the value
+    this.shadow[1] = this.s.lsr;
+    if (valid) this.shadow[0] = 1;
   }
 }
 

@@ -119,6 +119,39 @@ describe(title('native: Vcpu exits'), function () {
     assert.equal(Number(reg(spin, 'rcx') & 0xffn), values.at(-1), 'every write before the pause reached JS before pause() resolved');
   });
 
+  it('shadowed ports: a 1-byte in is answered by the vCPU thread while the shadow is valid, else by JS', async function () {
+    for (const valid of [1, 0]) {
+      m?.close();
+      m = createMachine({ code: GUEST.echo });
+      const cpu = m.vcpus[0];
+      const seen: SeenExit[] = [];
+      let halted!: () => void;
+      const done = new Promise<void>((r) => (halted = r));
+      const shadow = Uint8Array.of(0, 0, valid, 0x5a); // port 0x20 (never read), then port 0x11
+      cpu.start(
+        (e) => {
+          if (e.reason === 'io' && e.direction === 0) e.data[0] = 0x77;
+          seen.push(snapshot(e));
+          if (e.reason === 'hlt') void cpu.pause().then(halted);
+        },
+        true,
+        [],
+        [0x20, 0x11],
+        shadow,
+      );
+      await done;
+      const ios = seen.filter((x) => x.reason === 'io') as unknown as { direction: number; port: number; bytes: number[] }[];
+      const echoed = ios.find((x) => x.port === 0x12);
+      if (valid) {
+        assert.ok(!ios.some((x) => x.direction === 0), 'the in never reached JS');
+        assert.deepEqual(echoed?.bytes, [0x5a], 'the guest read the shadow value');
+      } else {
+        assert.ok(ios.some((x) => x.direction === 0 && x.port === 0x11), 'an invalid shadow sends the in to JS');
+        assert.deepEqual(echoed?.bytes, [0x77]);
+      }
+    }
+  });
+
   it('delivers MMIO writes and reads outside guest RAM', async function () {
     m = createMachine({ code: GUEST.mmio, memSize: 512 * 1024 });
     const cpu = m.vcpus[0];
