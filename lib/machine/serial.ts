@@ -83,7 +83,7 @@ export class Uart16550 {
    * nothing is received and loopback is off, so that a read which depends on
    * earlier (posted) writes or on the receiver goes to read() in order.
    */
-  readonly shadow = new Uint8Array(2);
+  readonly shadow = new Uint8Array(new ArrayBuffer(2)); // its own buffer: off the JS heap, never moved by GC
 
   private s: SerialState = Uart16550.resetState();
   private rx: number[] = [];
