@@ -34,7 +34,7 @@ export interface RamBlockRef {
 }
 
 const VIEW_SPAN = 1 << 30; // one external ArrayBuffer per GiB of guest RAM
-const RUN_MAX = 256; // most pages per zero scan (1 MiB)
+const RUN_MAX = 256; // most pages per run of the bitmap (1 MiB)
 const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE; // be64 header + page, with CONTINUE
 const PAGE_CONTINUE = RAM_FLAG.PAGE | RAM_FLAG.CONTINUE; // low byte of such a header
 const ZERO_RECORD_BYTES = 9; // be64 header + fill byte, with CONTINUE
@@ -71,7 +71,7 @@ interface SenderBlock {
 
 export class RamSender {
   private readonly blocks: SenderBlock[];
-  private readonly zeroScan = new Uint8Array(RUN_MAX);
+  private readonly zeroScan = new Uint8Array(1); // encodeNamed's one page
   private blockIndex = 0;
   /** Dirty pages not yet sent (kept in step with the bitmaps). */
   private dirty = 0;
