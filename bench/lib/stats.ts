@@ -10,15 +10,20 @@ export interface Summary {
   best: number;
   min: number;
   max: number;
+  /** Middle value (mean of the two middle ones for an even count). */
+  median: number;
   n: number;
 }
 
 export function summarize(values: readonly number[], better: Better): Summary {
   const v = values.filter((x) => Number.isFinite(x));
-  if (v.length === 0) return { best: NaN, min: NaN, max: NaN, n: 0 };
+  if (v.length === 0) return { best: NaN, min: NaN, max: NaN, median: NaN, n: 0 };
   const min = Math.min(...v);
   const max = Math.max(...v);
-  return { best: better === 'lower' ? min : max, min, max, n: v.length };
+  const sorted = [...v].sort((a, b) => a - b);
+  const mid = sorted.length >> 1;
+  const median = sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
+  return { best: better === 'lower' ? min : max, min, max, median, n: v.length };
 }
 
 export function fmt(x: number, digits = 0): string {
