@@ -51,6 +51,9 @@ async function flushClients(server: QmpServer): Promise<void> {
   }
 }
 
+/** When the migration engines are loaded after start (see MigrationController.preload). */
+const PRELOAD_DELAY_MS = 250;
+
 export async function runMachine(options: RunOptions): Promise<number> {
   let machine: Machine;
   try {
@@ -160,6 +163,8 @@ export async function runMachine(options: RunOptions): Promise<number> {
         throw new FerryError('ERR_QMP_LISTEN', `cannot serve QMP at ${formatQmpAddress(addr)}: ${(err as Error).message}`, { cause: err });
       }
     }
+    // The migration code, once the guest has booted: off the boot path, ready before a migrate.
+    setTimeout(() => ctl.preload(), PRELOAD_DELAY_MS).unref();
     if (options.incoming) {
       machine.setRunState('inmigrate');
       if (options.incoming.type === 'uri') await controller.migrateIncoming({ uri: options.incoming.uri });

@@ -74,6 +74,17 @@ export class MigrationController extends EventEmitter {
     this.destination = new MigrationStateMachine({ side: 'destination', eventsEnabled });
   }
 
+  /**
+   * Loads the engines and transports ahead of the first migration command
+   * (they load lazily so booting does not wait for them, but loading them at
+   * `migrate` time counted ~10 ms into setup-time).
+   */
+  preload(): void {
+    sourceEngine();
+    destinationEngine();
+    transports();
+  }
+
   private guardContext() {
     return {
       source: this.source.status,
