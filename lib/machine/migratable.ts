@@ -21,8 +21,12 @@ export class MigratableAdapter implements MigratableMachine {
 
   constructor(private readonly machine: Machine) {
     this.configName = CONFIG_NAMES[machine.machineType];
-    this.ramBlocks = machine.ramBlocks.map((b) => ({ idstr: b.idstr, size: b.size, memory: b.memory }));
+    this.ramBlocks = machine.ramBlocks.map((b) => ({ idstr: b.idstr, size: b.size, memory: b.memory, view: (o: number, l: number) => b.view(o, l) }));
     this.bitmaps = machine.ramBlocks.map((b) => new PageBitmap(b.pages));
+  }
+
+  warmRam(): void {
+    for (const b of this.machine.ramBlocks) b.warmViews();
   }
 
   get runState(): RunState {

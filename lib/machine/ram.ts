@@ -72,6 +72,11 @@ export class RamBlock {
     for (const s of slots) vm?.setMemorySlot(s.slot, s.gpa, memory, s.offset, s.size, 0);
   }
 
+  /** Makes every per-GiB view now (each costs V8 a full GC the first time: see lib/migration/ram.ts). */
+  warmViews(): void {
+    for (let off = 0; off < this.size; off += VIEW_SPAN) this.view(off, 1);
+  }
+
   /** A zero-copy view of [offset, offset+length) of the block; must not cross a 1 GiB boundary. */
   view(offset: number, length: number): Uint8Array {
     this.checkRange(offset, length);

@@ -75,14 +75,15 @@ export class MigrationController extends EventEmitter {
   }
 
   /**
-   * Loads the engines and transports ahead of the first migration command
-   * (they load lazily so booting does not wait for them, but loading them at
-   * `migrate` time counted ~10 ms into setup-time).
+   * Loads the engines and transports, and makes the RAM views, ahead of the
+   * first migration command (lazy, so booting does not wait for them; done
+   * at `migrate` time they counted ~15 ms into setup-time).
    */
   preload(): void {
     sourceEngine();
     destinationEngine();
     transports();
+    this.machine.warmRam?.();
   }
 
   private guardContext() {
@@ -127,6 +128,7 @@ export class MigrationController extends EventEmitter {
       throw new QmpError('GenericError', (err as Error).message);
     }
     const listener = this.listener;
+    this.machine.warmRam?.(); // while nobody has connected yet (see preload)
     const inc = new (destinationEngine().IncomingMigration)(this.machine, this.destination, {
       autostart: this.opts.autostart,
       switchoverAck: () => this.options.capability('switchover-ack'),

@@ -31,6 +31,8 @@ export interface MigratableMachine {
    */
   dirtyLogSync(index: number): Uint8Array;
   dirtyLogStop(): void;
+  /** Optional: make the RAM views the engine will use now, off the migration's clock. */
+  warmRam?(): void;
 
   /** QEMU's vm_stop_force_state(finish-migrate): vCPUs quiescent, run state finish-migrate. */
   stopVcpus(): Promise<void>;
