@@ -75,6 +75,7 @@ export async function runMachine(options: RunOptions): Promise<number> {
   let server: QmpServer | undefined;
   let controller: MigrationController | undefined;
   let finishing: Promise<void> | undefined;
+  let preloadTimer: NodeJS.Timeout | undefined;
   let resolveDone!: (code: number) => void;
   const done = new Promise<number>((r) => (resolveDone = r));
 
@@ -107,6 +108,7 @@ export async function runMachine(options: RunOptions): Promise<number> {
         }
       } finally {
         clearInterval(keepAlive);
+        clearTimeout(preloadTimer);
         process.off('SIGINT', onSignal);
         process.off('SIGTERM', onSignal);
         if (stdinInput) {
@@ -164,7 +166,9 @@ export async function runMachine(options: RunOptions): Promise<number> {
       }
     }
     // The migration code, once the guest has booted: off the boot path, ready before a migrate.
-    setTimeout(() => ctl.preload(), PRELOAD_DELAY_MS).unref();
+    preloadTimer = setTimeout(() => {
+      if (!finishing) ctl.preload();
+    }, PRELOAD_DELAY_MS).unref();
     if (options.incoming) {
       machine.setRunState('inmigrate');
       if (options.incoming.type === 'uri') await controller.migrateIncoming({ uri: options.incoming.uri });
