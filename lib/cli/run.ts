@@ -132,12 +132,18 @@ export async function runMachine(options: RunOptions): Promise<number> {
       if (machine.machineType === 'pvh') machine.loadGuest(options.guest?.path, options.append);
       await machine.cont();
     }
+    // Between modules the event loop runs, so the guest's console output (queued by the vCPU
+    // thread) reaches its file within one module's load instead of after all of them.
+    const turn = () => new Promise<void>((resolve) => setImmediate(resolve));
     /* eslint-disable @typescript-eslint/no-require-imports */
     const { QmpServer: Server } = require('../qmp/server') as typeof QmpServerModule;
     const { formatQmpAddress } = require('../qmp/protocol') as typeof QmpProtocolModule;
+    await turn();
     const { registerMachineCommands } = require('../machine/qmp-commands') as typeof MachineCommandsModule;
     const { MigratableAdapter } = require('../machine/migratable') as typeof MigratableModule;
+    await turn();
     const { MigrationController: Controller } = require('../migration/controller') as typeof ControllerModule;
+    await turn();
     /* eslint-enable @typescript-eslint/no-require-imports */
     if (finishing) return await done; // a signal or the guest ended it meanwhile
     const srv = new Server({ onQuit: () => finish({ guest: false, reason: 'host-qmp-quit' }) });
