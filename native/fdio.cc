@@ -194,6 +194,22 @@ class FdPoller : public Napi::ObjectWrap<FdPoller> {
   std::unique_ptr<Napi::AsyncContext> ctx_;
 };
 
+// Runs a non-blocking syscall, retrying EINTR: the byte count, null on
+// EAGAIN, or a Node-style error naming `syscall` and `op`.
+template <typename F>
+Napi::Value CountOrNull(Napi::Env env, const char* syscall, const char* op, F call) {
+  ssize_t n;
+  do {
+    n = call();
+  } while (n < 0 && errno == EINTR);
+  if (n < 0) {
+    int err = errno;
+    if (err == EAGAIN || err == EWOULDBLOCK) return env.Null();
+    ThrowSystemError(env, err, syscall, op);
+  }
+  return Napi::Number::New(env, static_cast<double>(n));
+}
+
 // sendPieces(fd, pieces, offset) -> bytes sent | null on EAGAIN (nothing sent).
 // One sendmsg (MSG_DONTWAIT | MSG_NOSIGNAL) over the pieces, the first one
 // from `offset`; at most IOV_MAX pieces per call.
@@ -222,15 +238,7 @@ Napi::Value SendPieces(const Napi::CallbackInfo& info) {
   memset(&msg, 0, sizeof msg);
   msg.msg_iov = iov.data();
   msg.msg_iovlen = iov.size();
-  ssize_t r;
-  do {
-    r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-  } while (r < 0 && errno == EINTR);
-  if (r < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
-    ThrowSystemError(env, errno, "sendmsg", "sendPieces");
-  }
-  return Napi::Number::New(env, static_cast<double>(r));
+  return CountOrNull(env, "sendmsg", "sendPieces", [&] { return sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL); });
 }
 
 // readInto(fd, buf) -> bytes read (0 = EOF) | null on EAGAIN. For readers
@@ -240,15 +248,7 @@ Napi::Value ReadInto(const Napi::CallbackInfo& info) {
   int fd = ArgInt(info, 0, "fd");
   size_t len = 0;
   uint8_t* buf = ArgBytes(info, 1, "buf", &len);
-  ssize_t n;
-  do {
-    n = ::read(fd, buf, len);
-  } while (n < 0 && errno == EINTR);
-  if (n < 0) {
-    if (errno == EAGAIN || errno == EWOULDBLOCK) return env.Null();
-    ThrowSystemError(env, errno, "read", "readInto");
-  }
-  return Napi::Number::New(env, static_cast<double>(n));
+  return CountOrNull(env, "read", "readInto", [&] { return ::read(fd, buf, len); });
 }
 
 // setSocketBuffer(fd, send, bytes) -> the size the kernel settled on
@@ -279,17 +279,11 @@ Napi::Value RecvWithFds(const Napi::CallbackInfo& info) {
   msg.msg_iovlen = 1;
   msg.msg_control = control;
   msg.msg_controllen = sizeof control;
-  ssize_t n;
   // SAFETY: iov covers exactly the caller's buffer; control is sized for the
   // kernel's per-message fd limit. Received fds are O_CLOEXEC from birth.
-  do {
-    n = recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
-  } while (n < 0 && errno == EINTR);
-  if (n < 0) {
-    int err = errno;
-    if (err == EAGAIN || err == EWOULDBLOCK) return env.Null();
-    ThrowSystemError(env, err, "recvmsg", "recvWithFds");
-  }
+  Napi::Value got = CountOrNull(env, "recvmsg", "recvWithFds", [&] { return recvmsg(fd, &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT); });
+  if (got.IsNull()) return got;
+  ssize_t n = static_cast<ssize_t>(got.As<Napi::Number>().Int64Value());
   std::vector<int> fds;
   for (struct cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c)) {
     if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS) continue;
@@ -342,17 +336,8 @@ Napi::Value SendWithFds(const Napi::CallbackInfo& info) {
     c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
     memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
   }
-  ssize_t n;
   // SAFETY: iov covers the caller's bytes; control holds fds.size() ints.
-  do {
-    n = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
-  } while (n < 0 && errno == EINTR);
-  if (n < 0) {
-    int err = errno;
-    if (err == EAGAIN || err == EWOULDBLOCK) return env.Null();
-    ThrowSystemError(env, err, "sendmsg", "sendWithFds");
-  }
-  return Napi::Number::New(env, static_cast<double>(n));
+  return CountOrNull(env, "sendmsg", "sendWithFds", [&] { return sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL); });
 }
 
 Napi::Object Constants(Napi::Env env) {

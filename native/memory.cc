@@ -388,12 +388,66 @@ Napi::Value GuestMemory::LoadPageRecords(const Napi::CallbackInfo& info) {
   return Napi::Number::New(env, static_cast<double>(at));
 }
 
-// The source's hot loop: records for up to `pages` consecutive pages from
-// memOffset, all with CONTINUE (the caller has named the block already): a
-// zero page as ZERO (9 bytes), any other as PAGE + its 4096 bytes, written
-// into out from outPos. Stops early when a page record might not fit (a zero
-// page costs 9 bytes, so a chunk takes many more of those than of pages).
-// Returns { pages, bytes }: how many pages were encoded, in how many bytes.
+// Source side: QEMU RAM records with CONTINUE for consecutive pages (the
+// caller has named the block already): a zero page as ZERO (9 bytes), any
+// other as PAGE + its 4096 bytes.
+constexpr uint64_t kRecordMax = 8 + kPage;
+
+// Which of up to `pages` pages from `src` are zero, for as many pages as
+// records surely fit in `capacity` bytes (a page record each: 4104). Returns
+// that count; `bytes` is what their records take.
+static uint64_t ClassifyPages(Mapping* m, const uint8_t* src, uint64_t pages, uint64_t capacity,
+                              std::vector<uint8_t>& isZero, uint64_t& bytes) {
+  // Always ask the page map: reading a never-touched page maps THP's huge zero
+  // page over its whole 2 MiB, and later scans would then read all of it.
+  std::vector<uint8_t> absent;
+  bool haveAbsent = AbsentPages(m, src, pages, absent);
+  isZero.clear();
+  bytes = 0;
+  uint64_t n = 0;
+  for (; n < pages && bytes + kRecordMax <= capacity; n++) {
+    bool zero = (haveAbsent && absent[n]) || PageIsZero(src + n * kPage);
+    isZero.push_back(zero);
+    bytes += zero ? 9 : kRecordMax;
+  }
+  return n;
+}
+
+// The be64 header of page `i`'s record (plus the ZERO record's fill byte) at o;
+// returns its length.
+static size_t PutHeader(uint8_t* o, uint64_t blockOffset, uint64_t i, bool zero) {
+  uint64_t word = (blockOffset + i * kPage) | (zero ? 0x02 | 0x20 : 0x08 | 0x20);  // ZERO or PAGE, | CONTINUE
+  for (int b = 7; b >= 0; b--, word >>= 8) o[b] = static_cast<uint8_t>(word);
+  if (!zero) return 8;
+  o[8] = 0;
+  return 9;
+}
+
+// The records of the first isZero.size() pages from src, written at o (which
+// has room for them); returns the end.
+static uint8_t* WriteRecords(uint8_t* o, const uint8_t* src, uint64_t blockOffset, const std::vector<uint8_t>& isZero) {
+  for (uint64_t i = 0; i < isZero.size(); i++) {
+    o += PutHeader(o, blockOffset, i, isZero[i]);
+    if (!isZero[i]) {
+      // SAFETY: the page lies in the mapping (callers CheckRange); o has room (ClassifyPages).
+      memcpy(o, src + i * kPage, kPage);
+      o += kPage;
+    }
+  }
+  return o;
+}
+
+static Napi::Object PageResult(Napi::Env env, uint64_t pages, uint64_t bytes) {
+  Napi::Object r = Napi::Object::New(env);
+  r.Set("pages", Napi::Number::New(env, static_cast<double>(pages)));
+  r.Set("bytes", Napi::Number::New(env, static_cast<double>(bytes)));
+  return r;
+}
+
+// The source's hot loop into a buffer: records for up to `pages` pages from
+// memOffset, written into out from outPos, as many as surely fit (a zero page
+// takes 9 bytes, so a chunk holds many more of those than of pages).
+// Returns { pages, bytes }.
 Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   uint64_t memOffset = ArgU64(info, 0, "memOffset");
@@ -403,46 +457,22 @@ Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
   uint64_t outPos = ArgU64(info, 4, "outPos");
   CheckRange(env, memOffset, pages * kPage, true);
   if (blockOffset % kPage != 0) ThrowRangeError(env, "blockOffset must be a multiple of 4096");
-  constexpr uint64_t kRecord = 8 + kPage;
-  if (outPos > outLen || (pages > 0 && outLen - outPos < kRecord)) ThrowRangeError(env, "out has no room for a page record (4104 bytes)");
+  if (outPos > outLen || (pages > 0 && outLen - outPos < kRecordMax)) ThrowRangeError(env, "out has no room for a page record (4104 bytes)");
   const uint8_t* src = base_ + memOffset;
-  // Always ask the page map: reading a never-touched page maps THP's huge zero
-  // page over its whole 2 MiB, and later scans would then read all of it.
-  std::vector<uint8_t> absent;
-  bool haveAbsent = AbsentPages(mapping_, src, pages, absent);
-  uint8_t* const start = out + outPos;
-  uint8_t* const end = out + outLen;
-  uint8_t* o = start;
-  uint64_t i = 0;
-  for (; i < pages && static_cast<uint64_t>(end - o) >= kRecord; i++) {
-    const uint8_t* page = src + i * kPage;
-    bool zero = (haveAbsent && absent[i]) || PageIsZero(page);
-    uint64_t word = (blockOffset + i * kPage) | (zero ? 0x02 | 0x20 : 0x08 | 0x20);  // ZERO or PAGE, | CONTINUE
-    for (int b = 7; b >= 0; b--, word >>= 8) o[b] = static_cast<uint8_t>(word);
-    o += 8;
-    if (zero) {
-      *o++ = 0;
-    } else {
-      // SAFETY: page lies in the mapping (CheckRange); o has room (loop condition).
-      memcpy(o, page, kPage);
-      o += kPage;
-    }
-  }
-  Napi::Object r = Napi::Object::New(env);
-  r.Set("pages", Napi::Number::New(env, static_cast<double>(i)));
-  r.Set("bytes", Napi::Number::New(env, static_cast<double>(o - start)));
-  return r;
+  std::vector<uint8_t> isZero;
+  uint64_t bytes;
+  uint64_t n = ClassifyPages(mapping_, src, pages, outLen - outPos, isZero, bytes);
+  WriteRecords(out + outPos, src, blockOffset, isZero);
+  return PageResult(env, n, bytes);
 }
 
-// The same records as EncodePageRecords, sent to a socket straight from
-// guest memory (sendmsg over header and page iovecs: the kernel's copy is the
-// only one). Encodes pages while the records fit in maxBytes (at least one),
-// then sends without blocking; whatever is not sent (the socket was full, or
-// the records are all ZERO ones, not worth a syscall) is copied into `spill`
-// (maxBytes or more) for the caller to send after them, in order. With
-// sendAllowed false (the caller has bytes to send first) records with page
-// data are not sent: nothing is consumed and pages is 0.
-// Returns { pages, bytes, sent }.
+// The same records sent to a socket straight from guest memory (sendmsg over
+// header and page iovecs: the kernel's copy is the only one), as many as
+// surely fit in maxBytes. Whatever is not sent (the socket was full, or the
+// records are all ZERO ones, not worth a syscall) is copied into `spill`
+// (maxBytes or more) for the caller to send next, in order. With sendAllowed
+// false (the caller has bytes to send first) a run with page data is left
+// alone: nothing is consumed and pages is 0. Returns { pages, bytes, sent }.
 Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = static_cast<int>(ArgU64(info, 0, "fd", 0x7fffffff));
@@ -454,31 +484,32 @@ Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
   bool sendAllowed = info[6].ToBoolean();
   CheckRange(env, memOffset, pages * kPage, true);
   if (blockOffset % kPage != 0) ThrowRangeError(env, "blockOffset must be a multiple of 4096");
-  constexpr uint64_t kRecord = 8 + kPage;
-  if (maxBytes < kRecord || spillLen < maxBytes) ThrowRangeError(env, "maxBytes must be at least 4104 and spill at least maxBytes long");
+  if (maxBytes < kRecordMax || spillLen < maxBytes) ThrowRangeError(env, "maxBytes must be at least 4104 and spill at least maxBytes long");
   const uint8_t* src = base_ + memOffset;
-  std::vector<uint8_t> absent;
-  bool haveAbsent = AbsentPages(mapping_, src, pages, absent);  // see EncodePageRecords
-
-  // Headers first (their buffer must not move once iovecs point into it).
-  std::vector<uint8_t> hdr;
-  hdr.reserve(pages * 9);
   std::vector<uint8_t> isZero;
-  uint64_t bytes = 0, n = 0;
-  for (; n < pages && bytes + (n == 0 ? 0 : kRecord) <= maxBytes; n++) {
-    bool zero = (haveAbsent && absent[n]) || PageIsZero(src + n * kPage);
-    uint64_t word = (blockOffset + n * kPage) | (zero ? 0x02 | 0x20 : 0x08 | 0x20);
-    for (int b = 7; b >= 0; b--) hdr.push_back(static_cast<uint8_t>(word >> (b * 8)));
-    if (zero) hdr.push_back(0);
-    isZero.push_back(zero);
-    bytes += zero ? 9 : kRecord;
+  uint64_t bytes;
+  uint64_t n = ClassifyPages(mapping_, src, pages, maxBytes, isZero, bytes);
+  bool anyPage = bytes > 9 * n;
+  Napi::Object res;
+  if (!anyPage) {  // only ZERO records: back to the caller's buffer of small records
+    WriteRecords(spill, src, blockOffset, isZero);
+    res = PageResult(env, n, bytes);
+    res.Set("sent", Napi::Number::New(env, 0));
+    return res;
   }
-  // iovecs: consecutive zero records are contiguous in hdr and share one.
+  if (!sendAllowed) {
+    res = PageResult(env, 0, 0);
+    res.Set("sent", Napi::Number::New(env, 0));
+    return res;
+  }
+  // Headers in one buffer (it must not move once iovecs point into it);
+  // consecutive ZERO records are contiguous there and share an iovec.
+  std::vector<uint8_t> hdr(9 * n);
   std::vector<struct iovec> iov;
   iov.reserve(2 * n);
   size_t h = 0;
   for (uint64_t i = 0; i < n; i++) {
-    size_t len = isZero[i] ? 9 : 8;
+    size_t len = PutHeader(hdr.data() + h, blockOffset, i, isZero[i]);
     if (!iov.empty() && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == hdr.data() + h)
       iov.back().iov_len += len;
     else
@@ -489,18 +520,7 @@ Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
   }
   uint64_t sent = 0;
   size_t first = 0;
-  // Only zero records: not worth a syscall of their own (2 KiB per 256 pages);
-  // they go back through spill into the caller's buffer of small records.
-  bool anyPage = false;
-  for (uint64_t i = 0; i < n && !anyPage; i++) anyPage = !isZero[i];
-  if (anyPage && !sendAllowed) {  // earlier bytes must go first: nothing consumed
-    Napi::Object none = Napi::Object::New(env);
-    none.Set("pages", Napi::Number::New(env, 0));
-    none.Set("bytes", Napi::Number::New(env, 0));
-    none.Set("sent", Napi::Number::New(env, 0));
-    return none;
-  }
-  while (anyPage && first < iov.size()) {
+  while (first < iov.size()) {
     struct msghdr msg;
     memset(&msg, 0, sizeof msg);
     msg.msg_iov = iov.data() + first;
@@ -523,9 +543,7 @@ Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
     memcpy(o, iov[i].iov_base, iov[i].iov_len);
     o += iov[i].iov_len;
   }
-  Napi::Object res = Napi::Object::New(env);
-  res.Set("pages", Napi::Number::New(env, static_cast<double>(n)));
-  res.Set("bytes", Napi::Number::New(env, static_cast<double>(bytes)));
+  res = PageResult(env, n, bytes);
   res.Set("sent", Napi::Number::New(env, static_cast<double>(sent)));
   return res;
 }

@@ -184,7 +184,7 @@ export class RamSender {
       while (i < run && !w.error) {
         // Full once another page record might not fit (else the end of a batch of
         // 9-byte zero records would go one page per call); the first always fits.
-        const left = Math.floor(maxBytes - (w.totalBytes - start)); // a rate limit's budget may be fractional
+        const left = maxBytes - (w.totalBytes - start);
         if (left < PAGE_RECORD_BYTES && w.totalBytes > start) break;
         const offset = (page + i) * TARGET_PAGE_SIZE;
         if (this.direct) {
