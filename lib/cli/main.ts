@@ -1,4 +1,4 @@
-#!/usr/bin/env -S node --max-semi-space-size=1
+#!/usr/bin/env -S node --max-semi-space-size=1 --no-opt
 /**
  * The `ferry` command line (bin: dist/lib/cli/main.js).
  *
