@@ -37,12 +37,19 @@ export class MigratableAdapter implements MigratableMachine {
     this.machine.setRunState(state);
   }
 
-  dirtyLogStart(): void {
+  dirtyLogStart(): boolean {
+    // INITIALLY_SET: nothing is protected yet and every page reads dirty; the engine protects
+    // ranges as it reaches them. Otherwise start from a clean, protected log.
+    const deferred = this.machine.dirtyLog.initiallySet;
     for (let i = 0; i < this.machine.ramBlocks.length; i++) {
       this.machine.ramBlocks[i]!.enableDirtyLog();
-      // Start from a clean, protected log (KVM_DIRTY_LOG_INITIALLY_SET reports every page at first).
-      this.dirtyLogSync(i);
+      if (!deferred) this.dirtyLogSync(i);
     }
+    return deferred;
+  }
+
+  dirtyLogProtect(index: number, first: number, count: number): void {
+    this.machine.ramBlocks[index]!.protectPages(first, count);
   }
 
   dirtyLogSync(index: number): Uint8Array {

@@ -59,6 +59,8 @@ export class RamBlock {
   private logging = false;
   private scratch: Map<number, Uint8Array> = new Map();
   private manualProtect = false;
+  /** All-ones bitmap for protectPages (grown on demand). */
+  private ones = new Uint8Array(0);
 
   /** Maps `memory` into `vm` at `slots` (vm undefined: RAM only, no KVM). */
   constructor(idstr: string, memory: GuestMemory, slots: RamSlot[], vm: Vm | undefined) {
@@ -190,6 +192,34 @@ export class RamBlock {
       orAt(into, tmp, s.offset / PAGE_SIZE);
     }
     return dirty;
+  }
+
+  /**
+   * Write-protects block pages [first, first + count) for the dirty log
+   * (KVM_CLEAR_DIRTY_LOG of every one of their bits), widened to KVM's
+   * 64-page granularity. For manual protect with INITIALLY_SET, where
+   * turning logging on protects nothing: the engine protects a range right
+   * before it first reads it, so enabling logging costs nothing up front and
+   * a write that lands before the read is not reported as dirty again.
+   */
+  protectPages(first: number, count: number): void {
+    const vm = this.requireVm();
+    if (!this.logging) throw new FerryError('ERR_DIRTY_LOG_OFF', `dirty logging is not enabled on RAM block '${this.idstr}'`);
+    if (!this.manualProtect) throw new FerryError('ERR_DIRTY_LOG_MODE', `RAM block '${this.idstr}' is not in manual-protect mode`);
+    this.checkRange(first * PAGE_SIZE, count * PAGE_SIZE);
+    for (const s of this.slots) {
+      const slotFirst = s.offset / PAGE_SIZE;
+      const slotPages = Math.ceil(s.size / PAGE_SIZE);
+      const lo = Math.max(first, slotFirst) - slotFirst;
+      const hi = Math.min(first + count, slotFirst + slotPages) - slotFirst;
+      if (lo >= hi) continue;
+      // KVM: first_page a multiple of 64, num_pages too unless it reaches the slot's end.
+      const start = lo - (lo % 64);
+      const end = Math.min(slotPages, Math.ceil(hi / 64) * 64);
+      const bytes = Math.ceil((end - start) / 64) * 8;
+      if (this.ones.length < bytes) this.ones = new Uint8Array(bytes).fill(0xff);
+      vm.clearDirtyLog(s.slot, start, end - start, this.ones);
+    }
   }
 
   private requireVm(): Vm {

@@ -23,8 +23,16 @@ export interface MigratableMachine {
   readonly runState: RunState;
   setRunState(state: RunState): void;
 
-  /** Starts dirty logging on every RAM block (the next sync reports writes since now). */
-  dirtyLogStart(): void;
+  /**
+   * Starts dirty logging on every RAM block (the next sync reports writes
+   * since now). Returns true when protection is deferred (KVM's
+   * INITIALLY_SET): until dirtyLogProtect covers a page or a sync protects
+   * the rest, every page counts as dirty and writes to it are not tracked,
+   * so the engine protects each range before it first reads it.
+   */
+  dirtyLogStart(): boolean;
+  /** Write-protects pages [first, first + count) of RAM block `index` (after a deferred start). */
+  dirtyLogProtect(index: number, first: number, count: number): void;
   /**
    * Fetches and clears the dirty log of RAM block `index`: one bit per 4 KiB
    * page in block-offset order, little-endian 64-bit words.

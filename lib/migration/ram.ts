@@ -40,6 +40,8 @@ const RUN_MAX = 256; // most pages per run of the bitmap (1 MiB)
 const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE; // be64 header + page, with CONTINUE
 const PAGE_CONTINUE = RAM_FLAG.PAGE | RAM_FLAG.CONTINUE; // low byte of such a header
 const ZERO_RECORD_BYTES = 9; // be64 header + fill byte, with CONTINUE
+/** Pages write-protected at a time after a deferred dirty-log start (16 MiB). */
+export const PROTECT_CHUNK_PAGES = 4096;
 
 /**
  * Page views over one block: the block's own views when it offers them, else
@@ -77,7 +79,12 @@ interface SenderBlock {
   views: BlockViews;
   bitmap: PageBitmap;
   cursor: number;
+  /** One byte per PROTECT_CHUNK_PAGES chunk, 1 = not write-protected yet (deferred start). */
+  unprotected?: Uint8Array;
 }
+
+/** Write-protects pages [first, first + count) of block `index` in the dirty log. */
+export type ProtectPages = (index: number, first: number, count: number) => void;
 
 export class RamSender {
   private readonly blocks: SenderBlock[];
@@ -85,6 +92,7 @@ export class RamSender {
   private blockIndex = 0;
   /** Dirty pages not yet sent (kept in step with the bitmaps). */
   private dirty = 0;
+  private protect: ProtectPages | undefined;
   readonly counts: RamSendStats = { normal: 0, duplicate: 0 };
 
   constructor(
@@ -131,6 +139,33 @@ export class RamSender {
   }
 
   /**
+   * The dirty log started without protecting anything (INITIALLY_SET): each
+   * chunk is protected right before its first page is read, as QEMU clears
+   * its dirty bitmap chunk by chunk. Writes before that are in the read;
+   * writes after it are logged.
+   */
+  deferProtection(protect: ProtectPages): void {
+    this.protect = protect;
+    for (const b of this.blocks) b.unprotected = new Uint8Array(Math.ceil(b.bitmap.pages / PROTECT_CHUNK_PAGES)).fill(1);
+  }
+
+  /** A dirty-log sync protected every page: nothing is left to protect. */
+  allProtected(): void {
+    this.protect = undefined;
+    for (const b of this.blocks) b.unprotected = undefined;
+  }
+
+  private protectRun(b: SenderBlock, page: number, run: number): void {
+    const unprotected = b.unprotected!;
+    for (let c = Math.floor(page / PROTECT_CHUNK_PAGES); c * PROTECT_CHUNK_PAGES < page + run; c++) {
+      if (!unprotected[c]) continue;
+      unprotected[c] = 0;
+      const first = c * PROTECT_CHUNK_PAGES;
+      this.protect!(this.blockIndex, first, Math.min(PROTECT_CHUNK_PAGES, b.bitmap.pages - first));
+    }
+  }
+
+  /**
    * Merges dirty pages reported by the dirty log (a bitmap per block, KVM
    * layout). The scan position stays where it is, as QEMU's does: the walk
    * finishes the current round before it wraps around to pages dirtied
@@ -171,6 +206,7 @@ export class RamSender {
         continue;
       }
       const run = b.bitmap.runLength(page, RUN_MAX);
+      if (b.unprotected) this.protectRun(b, page, run);
       const memBase = b.ref.memOffset ?? 0;
       let i = 0;
       if (enc.lastBlock !== b.ref.idstr) {

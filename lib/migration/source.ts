@@ -168,7 +168,7 @@ export class OutgoingMigration extends EventEmitter {
       w.command(MIG_CMD.PING, encodeBe32Payload(1));
     }
 
-    m.dirtyLogStart();
+    if (m.dirtyLogStart()) sender.deferProtection((i, first, count) => m.dirtyLogProtect(i, first, count));
     sender.markAllDirty();
     this.stats.setRemainingPages(sender.dirtyPages);
     // QEMU counts the setup-time bitmap sync as pass 1 (MIGRATION_PASS before active).
@@ -265,6 +265,7 @@ export class OutgoingMigration extends EventEmitter {
     const m = this.machine;
     const before = sender.dirtyPages;
     for (let i = 0; i < m.ramBlocks.length; i++) sender.mergeDirty(i, m.dirtyLogSync(i));
+    sender.allProtected();
     this.stats.onSync(Math.max(0, sender.dirtyPages - before));
     this.stats.setRemainingPages(sender.dirtyPages);
     this.emit('pass', this.stats.counters().dirtySyncCount);

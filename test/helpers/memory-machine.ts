@@ -67,9 +67,11 @@ export class MemoryMachine implements MigratableMachine {
     this.runState = s;
     this.runStates.push(s);
   }
-  dirtyLogStart(): void {
+  dirtyLogStart(): boolean {
     this.dirty.clearAll();
+    return false;
   }
+  dirtyLogProtect(): void {}
   dirtyLogSync(): Uint8Array {
     const out = new Uint8Array(this.dirty.bytes);
     this.dirty.clearAll();

@@ -122,6 +122,34 @@ describe(`machine: in-process on KVM${why}`, function () {
     assert.throws(() => block.syncDirtyLog(bm), { code: 'ERR_DIRTY_LOG_OFF' });
   });
 
+  it('dirty log, deferred protection (INITIALLY_SET): every page reads dirty until protectPages covers it, widened to 64 pages', async () => {
+    const { m, sink } = make('memwriter', 'ws=8M rate=40M');
+    open.push(m);
+    m.loadGuest();
+    await m.cont();
+    await until('ticks', 60_000, () => sink.ticks().length >= 2, sink);
+    assert.deepEqual(m.dirtyLog, { manualProtect: true, initiallySet: true }, 'this host has KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with INITIALLY_SET');
+    await m.stop(); // no guest write may blur the counts below
+    const block = m.ramBlocks[0]!;
+    const bm = new PageBitmap(block.pages);
+    assert.throws(() => block.protectPages(0, 64), { code: 'ERR_DIRTY_LOG_OFF' });
+    block.enableDirtyLog();
+    block.protectPages(1000, 100); // KVM's granularity: pages 960..1151
+    assert.throws(() => block.protectPages(block.pages - 10, 11), RangeError);
+    assert.equal(block.syncDirtyLog(bm), block.pages - 192);
+    assert.equal(bm.get(959), true);
+    assert.equal(bm.get(960), false);
+    assert.equal(bm.get(1151), false);
+    assert.equal(bm.get(1152), true);
+    bm.clearAll();
+    assert.equal(block.syncDirtyLog(bm), 0, 'the sync protected the rest');
+    await m.cont();
+    await sleep(300);
+    const n = block.syncDirtyLog(bm);
+    assert.ok(n > 0 && n < block.pages, `the guest's writes are reported (${n} of ${block.pages})`);
+    block.disableDirtyLog();
+  });
+
   it('state captured from a stopped ticker restores into a fresh machine: ticks continue', async () => {
     const a = make('ticker', 'hz=100 tick=100');
     open.push(a.m);

@@ -13,7 +13,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { PassThrough, Writable } from 'node:stream';
 
-import { RamLoader, RamSender } from '../../lib/migration/ram';
+import { PROTECT_CHUNK_PAGES, RamLoader, RamSender } from '../../lib/migration/ram';
 import { FdSink } from '../../lib/stream/fd-sink';
 import { socketFd } from '../../lib/util/socket-fd';
 import { native, type GuestMemory } from '../../lib/native';
@@ -123,6 +123,31 @@ describe('precopy RAM path: chunk recycling, bounded queueing, zero runs', funct
     await w.flush();
     assert.equal(sender.counts.normal + sender.counts.duplicate, pages);
   }
+
+  it('deferred dirty-log protection: each chunk is protected once, before any of its pages is read; none after a sync', async () => {
+    const pages = 2 * PROTECT_CHUNK_PAGES + 100;
+    const mem = mixedRam(pages);
+    const out = new PassThrough();
+    out.resume();
+    const w = new StreamWriter({ sink: new StreamSink(out), chunkSize: 64 << 10 });
+    const sender = new RamSender([{ idstr: 'pc.ram', size: pages * PAGE, memory: mem }], new RamEncoder(w));
+    const calls: { block: number; first: number; count: number; readBefore: number }[] = [];
+    const read = () => sender.counts.normal + sender.counts.duplicate;
+    sender.deferProtection((block, first, count) => calls.push({ block, first, count, readBefore: read() }));
+    sender.markAllDirty();
+    while (!sender.encodeSome(300 << 10)) await w.flush();
+    assert.equal(read(), pages);
+    assert.deepEqual(
+      calls.map(({ block, first, count }) => [block, first, count]),
+      [0, 1, 2].map((c) => [0, c * PROTECT_CHUNK_PAGES, Math.min(PROTECT_CHUNK_PAGES, pages - c * PROTECT_CHUNK_PAGES)]),
+    );
+    for (const c of calls) assert.ok(c.readBefore <= c.first, `chunk at page ${c.first} protected after ${c.readBefore} pages were read`);
+    sender.allProtected();
+    sender.markAllDirty();
+    while (!sender.encodeSome(300 << 10)) await w.flush();
+    assert.equal(calls.length, 3);
+    await w.flush();
+  });
 
   it('FdSink: page runs sent straight from guest memory make the same byte stream as the writer path, under backpressure', async () => {
     const pages = 3000; // ~12 MiB, far more than the 4 KiB send buffer and the late reader hold
