@@ -186,7 +186,9 @@ async function runTrial(sc: Scenario, engine: Engine, rep: number, opts: Precopy
       async () => {
         const q = (await source.qmp.execute('query-migrate')) as MigrateInfo;
         if (q.status === 'failed' || q.status === 'cancelled') throw new Error(`migration ${q.status}: ${q['error-desc'] ?? ''}\n${source.describe()}`);
-        return q.status === 'completed' ? q : undefined;
+        // QEMU 7.2 was seen answering `completed` with total-time and downtime 0 (its
+        // migration thread stores the times just after the status): poll until they are in.
+        return q.status === 'completed' && (q['total-time'] ?? 0) > 0 ? q : undefined;
       },
       () => `${source.describe()}\n${dst!.describe()}`,
       50,
