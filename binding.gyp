@@ -10,7 +10,8 @@
         "native/vcpu.cc",
         "native/memory.cc",
         "native/uffd.cc",
-        "native/fdio.cc"
+        "native/fdio.cc",
+        "native/splice.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],

@@ -64,10 +64,12 @@ export interface GuestMemory {
    * a ZERO one and not worth a syscall) is copied to the start of `spill` (at
    * least maxBytes long) for the caller to send next. With sendAllowed false
    * only all-ZERO runs are encoded (into spill); a run with page data is left
-   * alone (pages 0) so the caller can send what it holds first.
+   * alone (pages 0) so the caller can send what it holds first. With a
+   * splicer (made for `fd`), the pages are not copied in this process at all.
    */
   sendPageRecords(
     fd: number, memOffset: number, blockOffset: number, pages: number, maxBytes: number, spill: Uint8Array, sendAllowed: boolean,
+    splicer?: PageSplicer,
   ): { pages: number; bytes: number; sent: number };
   /**
    * Detach every view, munmap, close the backing fd. Idempotent. Afterwards
@@ -349,6 +351,22 @@ export interface FdPoller {
   close(): void;
 }
 
+/**
+ * Zero-copy page sending to a non-blocking unix stream socket (for
+ * GuestMemory.sendPageRecords): records are vmspliced into a pipe and
+ * spliced on to the socket, so the peer's read copies straight from guest
+ * memory. A page changed before the peer reads it arrives changed: only for
+ * memory whose later writes are tracked (the dirty log) or stopped. The
+ * constructor throws ERR_SPLICE_UNSUPPORTED for any other fd; the fd must
+ * stay open while the splicer is.
+ */
+export interface PageSplicer {
+  /** Bytes queued on the socket that its reader has not consumed yet (SIOCOUTQ). */
+  unsent(): number;
+  /** Closes the pipe; data in flight stays valid. Idempotent. */
+  close(): void;
+}
+
 /** Result of testTouch (test-only). */
 export interface TouchResult {
   /** Thread id of the touching thread (matches a pagefault event's tid with UFFD_FEATURE_THREAD_ID). */
@@ -365,6 +383,8 @@ export interface Binding {
   /** flags: O_CLOEXEC | O_NONBLOCK are always added. useDevice: open /dev/userfaultfd instead of the syscall. */
   Uffd: new (useDevice?: boolean) => Uffd;
   FdPoller: new (fd: number) => FdPoller;
+  /** segmentBytes: the header ring's segment size (16 segments; default 64 KiB; tests make it wrap sooner). */
+  PageSplicer: new (socketFd: number, segmentBytes?: number) => PageSplicer;
   /**
    * SO_SNDBUF (send) or SO_RCVBUF of a socket fd; returns what the kernel
    * settled on (capped by net.core.wmem_max/rmem_max, reported doubled).

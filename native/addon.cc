@@ -9,6 +9,7 @@ static Napi::Object InitFerry(Napi::Env env, Napi::Object exports) {
   ferry::InitVcpu(env, exports);
   ferry::InitUffd(env, exports);
   ferry::InitFdio(env, exports);
+  ferry::InitSplice(env, exports);
   return exports;
 }
 

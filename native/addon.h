@@ -10,4 +10,5 @@ void InitVcpu(Napi::Env env, Napi::Object exports);     // vcpu.cc: Vcpu
 void InitMemory(Napi::Env env, Napi::Object exports);   // memory.cc: GuestMemory
 void InitUffd(Napi::Env env, Napi::Object exports);     // uffd.cc: Uffd
 void InitFdio(Napi::Env env, Napi::Object exports);     // fdio.cc: FdPoller, recvWithFds
+void InitSplice(Napi::Env env, Napi::Object exports);   // splice.cc: PageSplicer
 }  // namespace ferry

@@ -35,6 +35,7 @@
 
 #include "addon.h"
 #include "errors.h"
+#include "splice.h"
 #include "util.h"
 
 namespace ferry {
@@ -472,7 +473,9 @@ Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
 // records are all ZERO ones, not worth a syscall) is copied into `spill`
 // (maxBytes or more) for the caller to send next, in order. With sendAllowed
 // false (the caller has bytes to send first) a run with page data is left
-// alone: nothing is consumed and pages is 0. Returns { pages, bytes, sent }.
+// alone: nothing is consumed and pages is 0. With a PageSplicer (a unix
+// socket) the pages go without even the kernel's copy in the sender
+// (splice.cc). Returns { pages, bytes, sent }.
 Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = static_cast<int>(ArgU64(info, 0, "fd", 0x7fffffff));
@@ -482,6 +485,7 @@ Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
   uint64_t maxBytes = ArgU64(info, 4, "maxBytes", 1ULL << 30);
   auto [spill, spillLen] = ArgBytes(info, 5, "spill");
   bool sendAllowed = info[6].ToBoolean();
+  PageSplicer* splicer = PageSplicer::FromOrNull(info[7]);
   CheckRange(env, memOffset, pages * kPage, true);
   if (blockOffset % kPage != 0) ThrowRangeError(env, "blockOffset must be a multiple of 4096");
   if (maxBytes < kRecordMax || spillLen < maxBytes) ThrowRangeError(env, "maxBytes must be at least 4104 and spill at least maxBytes long");
@@ -503,20 +507,33 @@ Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
     return res;
   }
   // Headers in one buffer (it must not move once iovecs point into it);
-  // consecutive ZERO records are contiguous there and share an iovec.
-  std::vector<uint8_t> hdr(9 * n);
+  // consecutive ZERO records are contiguous there and share an iovec. With a
+  // splicer the buffer is its ring, which outlives the call.
+  uint8_t* hdr = splicer != nullptr ? splicer->Reserve(9 * n) : nullptr;
+  if (hdr == nullptr) splicer = nullptr;  // ring space not known free yet: copy this time
+  std::vector<uint8_t> own;
+  if (hdr == nullptr) {
+    own.resize(9 * n);
+    hdr = own.data();
+  }
   std::vector<struct iovec> iov;
   iov.reserve(2 * n);
   size_t h = 0;
   for (uint64_t i = 0; i < n; i++) {
-    size_t len = PutHeader(hdr.data() + h, blockOffset, i, isZero[i]);
-    if (!iov.empty() && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == hdr.data() + h)
+    size_t len = PutHeader(hdr + h, blockOffset, i, isZero[i]);
+    if (!iov.empty() && static_cast<uint8_t*>(iov.back().iov_base) + iov.back().iov_len == hdr + h)
       iov.back().iov_len += len;
     else
-      iov.push_back({hdr.data() + h, len});
+      iov.push_back({hdr + h, len});
     h += len;
     // SAFETY: the page lies in the mapping (CheckRange); the kernel only reads it.
     if (!isZero[i]) iov.push_back({const_cast<uint8_t*>(src + i * kPage), kPage});
+  }
+  if (splicer != nullptr) {
+    uint64_t spliced = splicer->Send(env, iov, spill);
+    res = PageResult(env, n, bytes);
+    res.Set("sent", Napi::Number::New(env, static_cast<double>(spliced)));
+    return res;
   }
   uint64_t sent = 0;
   size_t first = 0;

@@ -113,9 +113,18 @@ export class PageBitmap {
 
   /** Length of the run of set pages starting at `page`, at most `max`. */
   runLength(page: number, max: number): number {
-    let n = 0;
-    while (n < max && page + n < this.pages && this.get(page + n)) n++;
-    return n;
+    const end = Math.min(page + max, this.pages);
+    const w = this.words;
+    let p = page;
+    while (p < end) {
+      const bit = p & 31;
+      // Trailing ones of the word from `bit`: the first zero of its complement.
+      const x = ~(w[p >>> 5]! >>> bit);
+      const ones = x === 0 ? 32 : 31 - Math.clz32(x & -x);
+      p += ones;
+      if (ones < 32 - bit) break;
+    }
+    return Math.max(0, Math.min(p, end) - page);
   }
 
   private trimTail(): void {

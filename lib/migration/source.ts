@@ -347,6 +347,9 @@ export class OutgoingMigration extends EventEmitter {
     w.vmdescription(formatVmdescJson(buildVmdesc(descs)));
     this.stats.onBytes(w.totalBytes - d0);
     await w.flush();
+    // Spliced pages are read from guest memory until the peer consumed them: only then may the
+    // source guest run again.
+    await this.fdSink?.drained();
     this.checkCancelled();
 
     if (this.rp) {

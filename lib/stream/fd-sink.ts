@@ -15,8 +15,12 @@
  * caller's writer, so the stream's order is kept. The sink writes to its own dup of the fd (the
  * poller's), so a socket Node closes meanwhile can never be confused with
  * another file; close() releases it.
+ *
+ * On a unix socket the pages are spliced (native PageSplicer): the peer
+ * reads them from guest memory, so a page is sent without any copy in this
+ * process. The engine waits for drained() before it reports `completed`.
  */
-import type { Binding, FdPoller, GuestMemory } from '../native';
+import type { Binding, FdPoller, GuestMemory, PageSplicer } from '../native';
 import type { PieceSink } from './writer';
 
 export class FdSink implements PieceSink {
@@ -33,15 +37,24 @@ export class FdSink implements PieceSink {
   private waiters: Array<() => void> = [];
   /** Where sendPages() copies what the socket did not take. */
   private spill: Buffer;
+  private readonly splicer: PageSplicer | undefined;
 
   constructor(
     private readonly b: Binding,
     socketFd: number,
     maxPageBytes = (256 << 10) + 4104,
+    /** splice: false sends pages with sendmsg; spliceSegmentBytes: the splicer's header ring segments (tests). */
+    opts: { splice?: boolean; spliceSegmentBytes?: number } = {},
   ) {
-    this.poller = new b.FdPoller(socketFd);
+    this.poller = new b.FdPoller(socketFd); // makes the fd O_NONBLOCK, as the splicer needs
     this.fd = this.poller.fd;
     this.spill = Buffer.allocUnsafe(maxPageBytes);
+    this.splicer = opts.splice === false ? undefined : trySplicer(b, this.fd, opts.spliceSegmentBytes);
+  }
+
+  /** Whether pages go by splice (a unix socket). */
+  get splicing(): boolean {
+    return this.splicer !== undefined;
   }
 
   get written(): number {
@@ -95,7 +108,7 @@ export class FdSink implements PieceSink {
     if (this.queued > 0 || this._error || this.closed) return none;
     let r: { pages: number; bytes: number; sent: number };
     try {
-      r = mem.sendPageRecords(this.fd, memOffset, blockOffset, pages, Math.min(maxBytes, this.spill.length), this.spill, !before);
+      r = mem.sendPageRecords(this.fd, memOffset, blockOffset, pages, Math.min(maxBytes, this.spill.length), this.spill, !before, this.splicer);
     } catch (err) {
       this.fail(err as Error);
       return none;
@@ -104,11 +117,34 @@ export class FdSink implements PieceSink {
     return { pages: r.pages, bytes: r.bytes, rest: this.spill.subarray(0, r.bytes - r.sent) };
   }
 
+  /**
+   * Resolves once the peer has read every byte written (until then it may
+   * still read spliced pages from guest memory); at once without splicing.
+   * Rejects if the sink fails or closes first.
+   */
+  async drained(): Promise<void> {
+    const sp = this.splicer;
+    if (!sp) return;
+    for (;;) {
+      this.check();
+      let unsent: number;
+      try {
+        unsent = sp.unsent();
+      } catch (err) {
+        this.fail(err as Error);
+        continue;
+      }
+      if (unsent === 0) return;
+      await new Promise((resolve) => setTimeout(resolve, 1));
+    }
+  }
+
   /** Stops for good; queued bytes are dropped and waiting writes fail. Idempotent. */
   close(err?: Error): void {
     if (this.closed) return;
     this.closed = true;
     if (err) this._error ??= err;
+    this.splicer?.close();
     this.poller.close();
     this.release();
   }
@@ -171,5 +207,15 @@ export class FdSink implements PieceSink {
     const ws = this.waiters;
     this.waiters = [];
     for (const r of ws) r();
+  }
+}
+
+/** A PageSplicer for a unix stream socket; undefined for any other fd. */
+function trySplicer(b: Binding, fd: number, segmentBytes?: number): PageSplicer | undefined {
+  try {
+    return new b.PageSplicer(fd, segmentBytes);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ERR_SPLICE_UNSUPPORTED') return undefined;
+    throw err;
   }
 }

@@ -45,6 +45,24 @@ describe('PageBitmap', () => {
     );
   });
 
+  it('runLength() counts long runs across words, capped by max and the block end', () => {
+    fc.assert(
+      fc.property(
+        fc.integer({ min: 1, max: 700 }),
+        fc.array(fc.tuple(fc.nat(699), fc.integer({ min: 1, max: 200 })), { maxLength: 8 }),
+        fc.nat(699),
+        fc.integer({ min: 0, max: 300 }),
+        (pages, ranges, start, max) => {
+          const b = new PageBitmap(pages);
+          for (const [first, n] of ranges) b.setRange(Math.min(first, pages), Math.max(0, Math.min(n, pages - first)));
+          let run = 0;
+          while (run < max && start + run < pages && b.get(start + run)) run++;
+          assert.equal(b.runLength(start, max), run);
+        },
+      ),
+    );
+  });
+
   it('or() merges a KVM-layout byte bitmap and clear() removes', () => {
     const b = new PageBitmap(128);
     const kvm = new Uint8Array(16);

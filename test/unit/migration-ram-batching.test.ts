@@ -74,9 +74,12 @@ describe('precopy RAM path: chunk recycling, bounded queueing, zero runs', funct
   });
 
   /** A unix socket pair: the client end and a promise of every byte the server end receives (read from `readAfterMs`). */
-  async function socketPair(name: string, readAfterMs: number): Promise<{ client: net.Socket; peer: Promise<net.Socket>; got: Promise<Buffer>; close(): void }> {
+  async function socketPair(
+    name: string, readAfterMs: number, pauseOnConnect = false,
+  ): Promise<{ client: net.Socket; peer: Promise<net.Socket>; got: Promise<Buffer>; close(): void }> {
     const sock = path.join(dir, name);
-    const server = net.createServer();
+    // pauseOnConnect: not a byte read before resume() (pause() alone still fills Node's buffer).
+    const server = net.createServer({ pauseOnConnect });
     let gotPeer!: (s: net.Socket) => void;
     const peer = new Promise<net.Socket>((r) => (gotPeer = r));
     const got = new Promise<Buffer>((resolve) => {
@@ -149,27 +152,64 @@ describe('precopy RAM path: chunk recycling, bounded queueing, zero runs', funct
     await w.flush();
   });
 
-  it('FdSink: page runs sent straight from guest memory make the same byte stream as the writer path, under backpressure', async () => {
-    const pages = 3000; // ~12 MiB, far more than the 4 KiB send buffer and the late reader hold
-    const mem = mixedRam(pages);
-    const viaWriter = await socketPair('w.sock', 0);
-    await sendAll(mem, pages, new StreamSink(viaWriter.client));
-    viaWriter.client.end();
-    const expected = await viaWriter.got;
-    viaWriter.close();
+  for (const v of [
+    { name: 'sendmsg', opts: { splice: false }, pages: 3000 },
+    { name: 'splice', opts: {}, pages: 3000 },
+    { name: 'splice, header ring wrapping', opts: { spliceSegmentBytes: 4096 }, pages: 12000 },
+  ]) {
+    it(`FdSink (${v.name}): page runs sent straight from guest memory make the same byte stream as the writer path, under backpressure`, async () => {
+      const pages = v.pages; // 12-48 MiB, far more than the 4 KiB send buffer and the late reader hold
+      const mem = mixedRam(pages);
+      const viaWriter = await socketPair('w.sock', 0);
+      await sendAll(mem, pages, new StreamSink(viaWriter.client));
+      viaWriter.client.end();
+      const expected = await viaWriter.got;
+      viaWriter.close();
 
-    const direct = await socketPair('d.sock', 150);
-    const b = native();
-    b.setSocketBuffer(socketFd(direct.client), true, 4096);
-    const sink = new FdSink(b, socketFd(direct.client));
-    await sendAll(mem, pages, sink);
-    assert.ok(sink.idle && sink.completed === sink.written, 'everything handed to the kernel');
+      const direct = await socketPair('d.sock', 150);
+      const b = native();
+      b.setSocketBuffer(socketFd(direct.client), true, 4096);
+      const sink = new FdSink(b, socketFd(direct.client), undefined, v.opts);
+      assert.equal(sink.splicing, v.opts.splice !== false);
+      await sendAll(mem, pages, sink);
+      assert.ok(sink.idle && sink.completed === sink.written, 'everything handed to the kernel');
+      await sink.drained();
+      sink.close();
+      direct.client.end();
+      const bytes = await direct.got;
+      direct.close();
+      assert.equal(bytes.length, expected.length);
+      assert.ok(bytes.equals(expected), 'the direct path reordered, lost or duplicated bytes');
+    });
+  }
+
+  it('FdSink splice: the peer reads pages from guest memory, so drained() waits until it has read everything', async () => {
+    const mem = mixedRam(64);
+    const v = new Uint8Array(mem.view(0, 64 * PAGE));
+    v.fill(0x11, 5 * PAGE, 6 * PAGE);
+    const pair = await socketPair('s.sock', 1e9, true); // reads nothing until resumed below
+    const sink = new FdSink(native(), socketFd(pair.client));
+    assert.equal(sink.splicing, true);
+    const r = sink.sendPages(mem, 0, 0, 64, 1 << 20, false);
+    assert.equal(r.pages, 64);
+    assert.equal(r.rest.length, 0, 'the socket took every record');
+    let drained = false;
+    const done = sink.drained().then(() => (drained = true));
+    await new Promise((res) => setTimeout(res, 30));
+    assert.equal(drained, false, 'nothing has been read yet');
+    v.fill(0x22, 5 * PAGE, 6 * PAGE); // after the send, before the read
+    (await pair.peer).resume();
+    await done;
     sink.close();
-    direct.client.end();
-    const bytes = await direct.got;
-    direct.close();
-    assert.equal(bytes.length, expected.length);
-    assert.ok(bytes.equals(expected), 'the direct path reordered, lost or duplicated bytes');
+    pair.client.end();
+    const bytes = await pair.got;
+    pair.close();
+    // Records: page 0 is zero (9 bytes) ... find page 5's data by its header.
+    const hdr = Buffer.alloc(8);
+    hdr.writeBigUInt64BE(BigInt(5 * PAGE) | 0x28n);
+    const at = bytes.indexOf(hdr);
+    assert.ok(at >= 0, 'page 5 was sent as a PAGE record');
+    assert.ok(bytes.subarray(at + 8, at + 8 + PAGE).every((x) => x === 0x22), 'the peer read the page as it is now: no copy was made at send time');
   });
 
   it('FdSink: a peer that goes away fails the write with a Node-style error, and close() releases a waiting write', async () => {
