@@ -65,12 +65,13 @@ export interface GuestMemory {
    * least maxBytes long) for the caller to send next. With sendAllowed false
    * only all-ZERO runs are encoded (into spill); a run with page data is left
    * alone (pages 0) so the caller can send what it holds first. With a
-   * splicer (made for `fd`), the pages are not copied in this process at all.
+   * splicer (made for `fd`), runs of 16 data pages or more are not copied in
+   * this process at all (`spliced` says they went that way).
    */
   sendPageRecords(
     fd: number, memOffset: number, blockOffset: number, pages: number, maxBytes: number, spill: Uint8Array, sendAllowed: boolean,
     splicer?: PageSplicer,
-  ): { pages: number; bytes: number; sent: number };
+  ): { pages: number; bytes: number; sent: number; spliced?: boolean };
   /**
    * Detach every view, munmap, close the backing fd. Idempotent. Afterwards
    * methods throw ERR_MEMORY_CLOSED; views read as length 0.

@@ -393,6 +393,7 @@ Napi::Value GuestMemory::LoadPageRecords(const Napi::CallbackInfo& info) {
 // caller has named the block already): a zero page as ZERO (9 bytes), any
 // other as PAGE + its 4096 bytes.
 constexpr uint64_t kRecordMax = 8 + kPage;
+constexpr uint64_t kSpliceMinPages = 16;  // fewer data pages in a call go by copy
 
 // Which of up to `pages` pages from `src` are zero, for as many pages as
 // records surely fit in `capacity` bytes (a page record each: 4104). Returns
@@ -475,7 +476,8 @@ Napi::Value GuestMemory::EncodePageRecords(const Napi::CallbackInfo& info) {
 // false (the caller has bytes to send first) a run with page data is left
 // alone: nothing is consumed and pages is 0. With a PageSplicer (a unix
 // socket) the pages go without even the kernel's copy in the sender
-// (splice.cc). Returns { pages, bytes, sent }.
+// (splice.cc). Returns { pages, bytes, sent, spliced? }: spliced when the
+// sent bytes went by splice.
 Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   int fd = static_cast<int>(ArgU64(info, 0, "fd", 0x7fffffff));
@@ -509,6 +511,10 @@ Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
   // Headers in one buffer (it must not move once iovecs point into it);
   // consecutive ZERO records are contiguous there and share an iovec. With a
   // splicer the buffer is its ring, which outlives the call.
+  // Splice dense runs only: a lone page is cheap to copy, and copied bytes need not be waited
+  // for before the guest may run again.
+  uint64_t dataPages = (bytes - 9 * n) / (kRecordMax - 9);
+  if (dataPages < kSpliceMinPages) splicer = nullptr;
   uint8_t* hdr = splicer != nullptr ? splicer->Reserve(9 * n) : nullptr;
   if (hdr == nullptr) splicer = nullptr;  // ring space not known free yet: copy this time
   std::vector<uint8_t> own;
@@ -533,6 +539,7 @@ Napi::Value GuestMemory::SendPageRecords(const Napi::CallbackInfo& info) {
     uint64_t spliced = splicer->Send(env, iov, spill);
     res = PageResult(env, n, bytes);
     res.Set("sent", Napi::Number::New(env, static_cast<double>(spliced)));
+    res.Set("spliced", Napi::Boolean::New(env, spliced > 0));
     return res;
   }
   uint64_t sent = 0;

@@ -57,6 +57,8 @@ const LIVE_SHARE = 0.1;
 const MAX_QUEUED = 1 << 20;
 /** Output chunk size: small enough that recycled chunks come back quickly. */
 const CHUNK_BYTES = 256 << 10;
+/** Longest wait for the peer to read spliced pages before the source guest may run (ms). */
+const SPLICED_READ_LIMIT_MS = 1000;
 /** How long completion waits for the destination's SHUT on the return path. */
 const SHUT_TIMEOUT_MS = 30_000;
 
@@ -79,6 +81,8 @@ export class OutgoingMigration extends EventEmitter {
   private rpError: Error | undefined;
   /** The native socket writer, when the channel is a socket (closed when the run ends). */
   private fdSink: FdSink | undefined;
+  /** Every byte of the stream (through EOF and the description) is written. */
+  private streamComplete = false;
   private shut: Promise<RpMessage> | undefined;
   private vcpusStoppedByUs = false;
   private wasRunning = false;
@@ -104,7 +108,8 @@ export class OutgoingMigration extends EventEmitter {
       this.state.setState(s, 'cancelling');
     }
     this.abort.abort(new MigrationCancelled());
-    this.fdSink?.close(new MigrationCancelled());
+    // A complete stream may still be read: fail() waits for its spliced pages first.
+    if (!this.streamComplete) this.fdSink?.close(new MigrationCancelled());
     this.channel?.destroy(new MigrationCancelled());
     this.continueResolve?.();
   }
@@ -347,9 +352,8 @@ export class OutgoingMigration extends EventEmitter {
     w.vmdescription(formatVmdescJson(buildVmdesc(descs)));
     this.stats.onBytes(w.totalBytes - d0);
     await w.flush();
-    // Spliced pages are read from guest memory until the peer consumed them: only then may the
-    // source guest run again.
-    await this.fdSink?.drained();
+    this.streamComplete = true;
+    await this.splicedPagesRead();
     this.checkCancelled();
 
     if (this.rp) {
@@ -413,9 +417,26 @@ export class OutgoingMigration extends EventEmitter {
   }
 
   /** Failure rules: guest running again, state failed/cancelled with error-desc. */
+  /**
+   * The peer reads spliced pages from guest memory (FdSink): once the whole
+   * stream is out, the guest may run again (postmigrate `cont`, or a failure
+   * that restarts it) only after the peer has read them, or after
+   * SPLICED_READ_LIMIT_MS if it stopped reading. The stream's tail is device
+   * state and sparse pages, which go by copy, so this is usually at once.
+   */
+  private async splicedPagesRead(): Promise<void> {
+    const sink = this.fdSink;
+    if (!sink?.splicing) return;
+    let timer: NodeJS.Timeout | undefined;
+    const limit = new Promise<void>((resolve) => (timer = setTimeout(resolve, SPLICED_READ_LIMIT_MS)));
+    await Promise.race([sink.drained().catch(() => undefined), limit]);
+    clearTimeout(timer);
+  }
+
   private async fail(err: Error): Promise<void> {
     const m = this.machine;
     const st = this.state;
+    if (this.streamComplete) await this.splicedPagesRead();
     this.fdSink?.close(err);
     this.channel?.destroy(err);
     if (this.vcpusStoppedByUs || m.runState === 'finish-migrate') {

@@ -38,6 +38,8 @@ export class FdSink implements PieceSink {
   /** Where sendPages() copies what the socket did not take. */
   private spill: Buffer;
   private readonly splicer: PageSplicer | undefined;
+  /** `written` just after the last bytes sendPages() spliced; -1 before any. */
+  private splicedEnd = -1;
 
   constructor(
     private readonly b: Binding,
@@ -106,7 +108,7 @@ export class FdSink implements PieceSink {
   ): { pages: number; bytes: number; rest: Uint8Array } {
     const none = { pages: 0, bytes: 0, rest: this.spill.subarray(0, 0) };
     if (this.queued > 0 || this._error || this.closed) return none;
-    let r: { pages: number; bytes: number; sent: number };
+    let r: { pages: number; bytes: number; sent: number; spliced?: boolean };
     try {
       r = mem.sendPageRecords(this.fd, memOffset, blockOffset, pages, Math.min(maxBytes, this.spill.length), this.spill, !before, this.splicer);
     } catch (err) {
@@ -114,17 +116,20 @@ export class FdSink implements PieceSink {
       return none;
     }
     this._written += r.sent;
+    if (r.spliced) this.splicedEnd = this._written;
     return { pages: r.pages, bytes: r.bytes, rest: this.spill.subarray(0, r.bytes - r.sent) };
   }
 
   /**
-   * Resolves once the peer has read every byte written (until then it may
-   * still read spliced pages from guest memory); at once without splicing.
+   * Resolves once the peer has read every spliced byte (until then it reads
+   * those pages from guest memory); at once without splicing. The socket's
+   * unread count (SIOCOUTQ, never less than the unread bytes) at most the
+   * bytes written after the last splice means the reader is past it.
    * Rejects if the sink fails or closes first.
    */
   async drained(): Promise<void> {
     const sp = this.splicer;
-    if (!sp) return;
+    if (!sp || this.splicedEnd < 0) return;
     for (;;) {
       this.check();
       let unsent: number;
@@ -134,7 +139,7 @@ export class FdSink implements PieceSink {
         this.fail(err as Error);
         continue;
       }
-      if (unsent === 0) return;
+      if (unsent <= this._written - this.splicedEnd) return;
       await new Promise((resolve) => setTimeout(resolve, 1));
     }
   }

@@ -212,6 +212,21 @@ describe('precopy RAM path: chunk recycling, bounded queueing, zero runs', funct
     assert.ok(bytes.subarray(at + 8, at + 8 + PAGE).every((x) => x === 0x22), 'the peer read the page as it is now: no copy was made at send time');
   });
 
+  it('FdSink splice: a run with few data pages goes by copy, so drained() does not wait for the peer to read it', async () => {
+    const mem = mixedRam(40); // pages 0-39 are zero but for the three set below
+    new Uint8Array(mem.view(PAGE, 3 * PAGE)).fill(0x33);
+    const pair = await socketPair('c.sock', 1e9, true); // reads nothing
+    const sink = new FdSink(native(), socketFd(pair.client));
+    const r = sink.sendPages(mem, 0, 0, 40, 1 << 20, false);
+    assert.equal(r.pages, 40);
+    assert.equal(r.rest.length, 0);
+    const waited = await Promise.race([sink.drained().then(() => 'drained'), new Promise((res) => setTimeout(() => res('timeout'), 500))]);
+    assert.equal(waited, 'drained', 'copied bytes need not be read first');
+    sink.close();
+    pair.client.destroy();
+    pair.close();
+  });
+
   it('FdSink: a peer that goes away fails the write with a Node-style error, and close() releases a waiting write', async () => {
     const pair = await socketPair('x.sock', 1e9); // never reads
     const b = native();
