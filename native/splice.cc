@@ -69,7 +69,10 @@ PageSplicer::PageSplicer(const Napi::CallbackInfo& info) : Napi::ObjectWrap<Page
   if (segment_ < 4096 || segment_ % 4096 != 0) ThrowRangeError(env, "segmentBytes must be a multiple of 4096");
   int domain = 0, type = 0;
   socklen_t len = sizeof domain;
-  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0) ThrowSystemError(env, errno, "getsockopt", "PageSplicer");
+  if (getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &domain, &len) < 0) {
+    if (errno == ENOTSOCK) ThrowCodeError(env, "ERR_SPLICE_UNSUPPORTED", "PageSplicer needs a socket (fd is a pipe or file)");
+    ThrowSystemError(env, errno, "getsockopt", "PageSplicer");
+  }
   len = sizeof type;
   if (getsockopt(fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0) ThrowSystemError(env, errno, "getsockopt", "PageSplicer");
   int fl = fcntl(fd, F_GETFL);
@@ -136,7 +139,10 @@ static void Advance(std::vector<struct iovec>& iov, size_t& first, size_t n) {
 
 void PageSplicer::Discard() {
   uint8_t buf[4096];
-  while (read(pipeRead_, buf, sizeof buf) > 0 || errno == EINTR) {
+  for (;;) {
+    ssize_t r = read(pipeRead_, buf, sizeof buf);
+    if (r > 0 || (r < 0 && errno == EINTR)) continue;
+    return;  // empty (EAGAIN)
   }
 }
 
@@ -176,7 +182,11 @@ uint64_t PageSplicer::Send(Napi::Env env, std::vector<struct iovec>& iov, uint8_
   for (uint64_t left = inPipe - sent; left > 0;) {
     ssize_t r = read(pipeRead_, o, left);
     if (r < 0 && errno == EINTR) continue;
-    if (r <= 0) ThrowSystemError(env, r < 0 ? errno : EIO, "read", "sendPageRecords");
+    if (r <= 0) {
+      int err = r < 0 ? errno : EIO;
+      Discard();
+      ThrowSystemError(env, err, "read", "sendPageRecords");
+    }
     o += r;
     left -= static_cast<uint64_t>(r);
   }

@@ -230,6 +230,33 @@ describe('native: fdio (FdPoller, recvWithFds, sendWithFds, constants)', functio
     }
   });
 
+  it('PageSplicer: only a non-blocking unix stream socket; a closed fd keeps its errno; close() is idempotent', function () {
+    const file = fs.openSync(__filename, 'r');
+    try {
+      const e = errOf(() => new b.PageSplicer(file));
+      assert.equal(e.code, 'ERR_SPLICE_UNSUPPORTED');
+    } finally {
+      fs.closeSync(file);
+    }
+    const blocking = fs.openSync(__filename, 'r'); // a number that is surely closed below
+    fs.closeSync(blocking);
+    const bad = errOf(() => new b.PageSplicer(blocking));
+    assert.equal(bad.code, 'EBADF');
+    assert.equal(bad.syscall, 'getsockopt');
+    const p = poll(fdOf(clientSide), () => undefined); // its dup is O_NONBLOCK, as FdSink's is
+    const sp = new b.PageSplicer(p.fd);
+    assert.equal(sp.unsent(), 0);
+    sp.close();
+    sp.close();
+    assert.equal(errOf(() => sp.unsent()).code, 'ERR_SPLICER_CLOSED');
+    const mem = new b.GuestMemory(4096);
+    try {
+      assert.equal(errOf(() => mem.sendPageRecords(p.fd, 0, 0, 1, 8192, Buffer.alloc(8192), true, sp)).code, 'ERR_SPLICER_CLOSED');
+    } finally {
+      mem.close();
+    }
+  });
+
   it('an exception thrown by the callback reaches uncaughtException (child process)', function () {
     const addon = require.resolve('../../lib/native');
     const script = `
