@@ -391,6 +391,11 @@ export interface Binding {
    * settled on (capped by net.core.wmem_max/rmem_max, reported doubled).
    */
   setSocketBuffer(fd: number, send: boolean, bytes: number): number;
+  /**
+   * How many of src's leading RAM records are `ZERO | CONTINUE` (fill byte 0,
+   * 9 bytes each) for consecutive pages below blockLength, at most max.
+   */
+  zeroRecordRun(src: Uint8Array, blockLength: number, max: number): number;
   /** sendmsg (MSG_DONTWAIT | MSG_NOSIGNAL) of the pieces, the first from `offset`, at most IOV_MAX of them: bytes sent, null on EAGAIN. */
   sendPieces(fd: number, pieces: readonly Uint8Array[], offset: number): number | null;
   /** read(2) on a non-blocking fd into buf: bytes read (0 = EOF), null on EAGAIN. */

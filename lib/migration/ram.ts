@@ -16,7 +16,7 @@
  *  - The loader writes only inside a block's used length: the codec checks
  *    every offset against the destination's own blocks before any copy.
  */
-import type { GuestMemory } from '../native';
+import { native, type GuestMemory } from '../native';
 import { RAM_FLAG, TARGET_PAGE_SIZE } from '../stream/constants';
 import type { StreamReader } from '../stream/reader';
 import { RamEncoder, RamRecordParser, type RamBlockInfo, type RamRecord } from '../stream/ram-codec';
@@ -313,6 +313,7 @@ export class RamLoader {
     }
     this.parser = new RamRecordParser(reader, {
       blocks: infos,
+      zeroRecordRun: native().zeroRecordRun,
       pageTarget: (block, offset) => {
         if (this.zeroViews) this.applyZeros();
         return this.byName.get(block.idstr)!.page(offset);

@@ -225,6 +225,11 @@ export interface RamParserOptions {
   pageTarget?: (block: RamBlockInfo, offset: number) => Uint8Array | undefined;
   /** MEM_SIZE layout options (must match the source). */
   memSize?: MemSizeOptions;
+  /**
+   * A faster count of the leading run tryZeroRun() takes (the native
+   * zeroRecordRun); the same rule as its JavaScript loop.
+   */
+  zeroRecordRun?: (src: Uint8Array, blockLength: number, max: number) => number;
   /** At most this many blocks in one MEM_SIZE list (default 4096). */
   maxBlocks?: number;
 }
@@ -254,6 +259,7 @@ export class RamRecordParser {
   private readonly pageTarget: RamParserOptions['pageTarget'];
   private readonly memOpts: MemSizeOptions;
   private readonly maxBlocks: number;
+  private readonly zeroRecordRun: RamParserOptions['zeroRecordRun'];
   private lastName: Buffer | undefined;
 
   constructor(reader: StreamReader, opts: RamParserOptions = {}) {
@@ -263,6 +269,7 @@ export class RamRecordParser {
     this.pageTarget = opts.pageTarget;
     this.memOpts = opts.memSize ?? {};
     this.maxBlocks = opts.maxBlocks ?? 4096;
+    this.zeroRecordRun = opts.zeroRecordRun;
   }
 
   /** Forget the last block (new channel). */
@@ -345,6 +352,14 @@ export class RamRecordParser {
     const want = RAM_FLAG.ZERO | RAM_FLAG.CONTINUE;
     const len = buf.length;
     if (len < ZERO_RECORD_BYTES || (buf[7]! & 0xff) !== want || buf[6]! & 0x0f) return undefined;
+    if (this.zeroRecordRun) {
+      const n = this.zeroRecordRun(buf, block.usedLength, max);
+      if (n === 0) return undefined;
+      const hi = ((buf[0]! << 24) | (buf[1]! << 16) | (buf[2]! << 8) | buf[3]!) >>> 0;
+      const lo = ((buf[4]! << 24) | (buf[5]! << 16) | (buf[6]! << 8) | buf[7]!) >>> 0;
+      this.reader.skip(n * ZERO_RECORD_BYTES);
+      return { block, offset: hi * TWO32 + (lo - want), count: n };
+    }
     let first = -1;
     let count = 0;
     for (let at = 0; at + ZERO_RECORD_BYTES <= len && count < max; at += ZERO_RECORD_BYTES) {

@@ -309,6 +309,45 @@ describe('precopy RAM path: chunk recycling, bounded queueing, zero runs', funct
     assert.ok(a.toBuffer().equals(b.toBuffer()));
   });
 
+  it('native zeroRecordRun() counts exactly the records the JavaScript rule takes (random mutations)', () => {
+    const zeroRecordRun = native().zeroRecordRun;
+    const ref = (buf: Buffer, blockLength: number, max: number): number => {
+      let n = 0;
+      let first = 0;
+      for (let at = 0; at + 9 <= buf.length && n < max; at += 9, n++) {
+        const word = buf.readBigUInt64BE(at);
+        const offset = word & ~0xfffn;
+        if ((word & 0xfffn) !== 0x22n || buf[at + 8] !== 0 || offset + 4096n > BigInt(blockLength)) break;
+        if (n === 0) first = Number(offset);
+        else if (Number(offset) !== first + n * PAGE) break;
+      }
+      return n;
+    };
+    let seed = 7;
+    const rnd = (k: number) => {
+      seed = (seed * 1103515245 + 12345) & 0x7fffffff;
+      return seed % k;
+    };
+    for (let trial = 0; trial < 500; trial++) {
+      const count = 1 + rnd(60);
+      const start = rnd(100) * PAGE;
+      const buf = Buffer.alloc(count * 9 + rnd(9)); // a torn record at the end, sometimes
+      for (let i = 0; i < count; i++) buf.writeBigUInt64BE(BigInt(start + i * PAGE) | 0x22n, i * 9);
+      const at = rnd(count) * 9;
+      switch (rnd(6)) {
+        case 0: buf[at + 7] = 0x02; break; // ZERO without CONTINUE
+        case 1: buf[at + 8] = 1 + rnd(255); break; // fill byte
+        case 2: buf.writeBigUInt64BE(BigInt(start + (rnd(200) + 1) * PAGE) | 0x22n, at); break; // offset jump
+        case 3: buf[at] = 0xff; break; // offset far outside
+        case 4: buf[at + 6] |= 1 + rnd(15); break; // flags above the low byte
+        default: break; // intact
+      }
+      const blockLength = (50 + rnd(120)) * PAGE;
+      const max = 1 + rnd(80);
+      assert.equal(zeroRecordRun(buf, blockLength, max), ref(buf, blockLength, max), `trial ${trial}`);
+    }
+  });
+
   it('tryZeroRun() parses runs at any chunk boundary and hands gaps, pages and bad fill bytes to tryNext()', async () => {
     const pages = 6000;
     const w = new StreamWriter();
