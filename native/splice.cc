@@ -8,14 +8,19 @@
 // INVARIANTS
 // - Only unix stream sockets: their queued data stays referenced until the
 //   peer reads it, and SIOCOUTQ counts it (at least its length) until then.
+//   The peer must read with a copy (read/recvmsg, as ferry and QEMU do): a
+//   relay that splices the data out of the socket into a pipe of its own
+//   ends the count while its pipe still references our memory.
 //   TCP over loopback hands referenced pages to the receiver's queue while
 //   SIOCOUTQ drops at the ACK, so nothing would say when a page is read.
 // - A page may change after it is spliced (the guest runs): the reader then
 //   sees a newer copy, which precopy's dirty log covers exactly as it covers
 //   a page written during sendmsg's copy (the page is sent again). Once the
 //   guest stops, its pages are stable; the engine reports `completed` only
-//   after the socket drained (unsent() 0), so a source resumed afterwards
-//   cannot change what the destination reads.
+//   once the reader is past the last spliced byte, so a source resumed
+//   afterwards cannot change what the destination reads.
+// - splice() cannot pass MSG_NOSIGNAL: a closed peer raises SIGPIPE, which
+//   Node ignores (it installs SIG_IGN at start).
 // - Headers live in a ring of our own (mmap'd, so no allocator reuses it)
 //   and a ring segment is written again only once SIOCOUTQ shows fewer bytes
 //   unread than were spliced after its last use: the reader is past it.
@@ -112,7 +117,7 @@ bool PageSplicer::Consumed(size_t segment) {
   if (lastUse_[segment] == 0) return true;
   int unread = 0;
   if (ioctl(sock_, SIOCOUTQ, &unread) < 0) return false;
-  return static_cast<uint64_t>(unread) < spliced_ - lastUse_[segment];
+  return unread == 0 || static_cast<uint64_t>(unread) < spliced_ - lastUse_[segment];
 }
 
 uint8_t* PageSplicer::Reserve(size_t len) {
@@ -175,8 +180,10 @@ uint64_t PageSplicer::Send(Napi::Env env, std::vector<struct iovec>& iov, uint8_
     if (r == 0) break;
     sent += static_cast<uint64_t>(r);
   }
-  spliced_ += sent;
-  lastUse_[cur_] = spliced_;
+  if (sent > 0) {  // headers that went back out through the pipe are no longer referenced
+    spliced_ += sent;
+    lastUse_[cur_] = spliced_;
+  }
   // What the socket did not take: out of the pipe, then the iovecs never spliced.
   uint8_t* o = out;
   for (uint64_t left = inPipe - sent; left > 0;) {

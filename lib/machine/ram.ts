@@ -59,8 +59,6 @@ export class RamBlock {
   private logging = false;
   private scratch: Map<number, Uint8Array> = new Map();
   private manualProtect = false;
-  /** All-ones bitmap for protectPages (grown on demand). */
-  private ones = new Uint8Array(0);
 
   /** Maps `memory` into `vm` at `slots` (vm undefined: RAM only, no KVM). */
   constructor(idstr: string, memory: GuestMemory, slots: RamSlot[], vm: Vm | undefined) {
@@ -196,8 +194,7 @@ export class RamBlock {
 
   /**
    * Write-protects block pages [first, first + count) for the dirty log
-   * (KVM_CLEAR_DIRTY_LOG of every one of their bits), widened to KVM's
-   * 64-page granularity. For manual protect with INITIALLY_SET, where
+   * (KVM_CLEAR_DIRTY_LOG of their bits, in KVM's 64-page-aligned windows). For manual protect with INITIALLY_SET, where
    * turning logging on protects nothing: the engine protects a range right
    * before it first reads it, so enabling logging costs nothing up front and
    * a write that lands before the read is not reported as dirty again.
@@ -213,12 +210,14 @@ export class RamBlock {
       const lo = Math.max(first, slotFirst) - slotFirst;
       const hi = Math.min(first + count, slotFirst + slotPages) - slotFirst;
       if (lo >= hi) continue;
-      // KVM: first_page a multiple of 64, num_pages too unless it reaches the slot's end.
+      // KVM: first_page a multiple of 64, num_pages too unless it reaches the slot's end. KVM
+      // clears only the bits set in the mask: pages of the widened window outside the range
+      // keep theirs (one of them may have been written since its own protection).
       const start = lo - (lo % 64);
       const end = Math.min(slotPages, Math.ceil(hi / 64) * 64);
-      const bytes = Math.ceil((end - start) / 64) * 8;
-      if (this.ones.length < bytes) this.ones = new Uint8Array(bytes).fill(0xff);
-      vm.clearDirtyLog(s.slot, start, end - start, this.ones);
+      const mask = new PageBitmap(end - start);
+      mask.setRange(lo - start, hi - lo);
+      vm.clearDirtyLog(s.slot, start, end - start, mask.bytes);
     }
   }
 

@@ -50,9 +50,17 @@ export class PageBitmap {
     this.words.fill(0);
   }
 
-  /** Sets [first, first+count). */
+  /** Sets [first, first+count) (whole words at a time; nothing past `pages`). */
   setRange(first: number, count: number): void {
-    for (let p = first; p < first + count; p++) this.set(p);
+    const w = this.words;
+    let p = first;
+    const end = Math.min(first + count, this.pages);
+    while (p < end) {
+      const bit = p & 31;
+      const k = Math.min(32 - bit, end - p);
+      w[p >>> 5]! |= k === 32 ? 0xffffffff : ((1 << k) - 1) << bit;
+      p += k;
+    }
   }
 
   /** this |= other (other must cover the same pages). */

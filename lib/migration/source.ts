@@ -353,7 +353,8 @@ export class OutgoingMigration extends EventEmitter {
     this.stats.onBytes(w.totalBytes - d0);
     await w.flush();
     this.streamComplete = true;
-    await this.splicedPagesRead();
+    // With a return path, SHUT below says the destination read everything.
+    if (!this.rp) await this.splicedPagesRead(this.abort.signal);
     this.checkCancelled();
 
     if (this.rp) {
@@ -420,17 +421,17 @@ export class OutgoingMigration extends EventEmitter {
   /**
    * The peer reads spliced pages from guest memory (FdSink): once the whole
    * stream is out, the guest may run again (postmigrate `cont`, or a failure
-   * that restarts it) only after the peer has read them, or after
-   * SPLICED_READ_LIMIT_MS if it stopped reading. The stream's tail is device
-   * state and sparse pages, which go by copy, so this is usually at once.
+   * that restarts it) only after the peer has read them. Completion waits
+   * for that until cancelled; a failure waits SPLICED_READ_LIMIT_MS at most,
+   * so a peer that stopped reading cannot keep the source guest down. The
+   * stream's tail is device state and sparse pages, which go by copy, so the
+   * wait is usually nil.
    */
-  private async splicedPagesRead(): Promise<void> {
+  private async splicedPagesRead(signal?: AbortSignal): Promise<void> {
     const sink = this.fdSink;
     if (!sink?.splicing) return;
-    let timer: NodeJS.Timeout | undefined;
-    const limit = new Promise<void>((resolve) => (timer = setTimeout(resolve, SPLICED_READ_LIMIT_MS)));
-    await Promise.race([sink.drained().catch(() => undefined), limit]);
-    clearTimeout(timer);
+    const limit = signal ?? AbortSignal.timeout(SPLICED_READ_LIMIT_MS);
+    await sink.drained(limit).catch(() => undefined);
   }
 
   private async fail(err: Error): Promise<void> {

@@ -121,17 +121,19 @@ export class FdSink implements PieceSink {
   }
 
   /**
-   * Resolves once the peer has read every spliced byte (until then it reads
-   * those pages from guest memory); at once without splicing. The socket's
-   * unread count (SIOCOUTQ, never less than the unread bytes) at most the
-   * bytes written after the last splice means the reader is past it.
-   * Rejects if the sink fails or closes first.
+   * Resolves true once the peer has read every spliced byte (until then it
+   * reads those pages from guest memory), at once without splicing; false
+   * when `signal` aborts first. The socket's unread count (SIOCOUTQ, never
+   * less than the unread bytes) at most the bytes in the socket after the
+   * last splice means the reader is past it. Rejects if the sink fails or
+   * closes first.
    */
-  async drained(): Promise<void> {
+  async drained(signal?: AbortSignal): Promise<boolean> {
     const sp = this.splicer;
-    if (!sp || this.splicedEnd < 0) return;
+    if (!sp || this.splicedEnd < 0) return true;
     for (;;) {
       this.check();
+      if (signal?.aborted) return false;
       let unsent: number;
       try {
         unsent = sp.unsent();
@@ -139,7 +141,7 @@ export class FdSink implements PieceSink {
         this.fail(err as Error);
         continue;
       }
-      if (unsent <= this._written - this.splicedEnd) return;
+      if (unsent <= this.completed - this.splicedEnd) return true;
       await new Promise((resolve) => setTimeout(resolve, 1));
     }
   }
@@ -215,12 +217,15 @@ export class FdSink implements PieceSink {
   }
 }
 
-/** A PageSplicer for a unix stream socket; undefined for any other fd. */
+/**
+ * A PageSplicer for a unix stream socket; undefined for any other fd, and
+ * when making one fails (no pipe or memory left): pages then go by sendmsg,
+ * which works everywhere.
+ */
 function trySplicer(b: Binding, fd: number, segmentBytes?: number): PageSplicer | undefined {
   try {
     return new b.PageSplicer(fd, segmentBytes);
-  } catch (err) {
-    if ((err as NodeJS.ErrnoException).code === 'ERR_SPLICE_UNSUPPORTED') return undefined;
-    throw err;
+  } catch {
+    return undefined;
   }
 }

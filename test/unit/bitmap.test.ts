@@ -45,6 +45,17 @@ describe('PageBitmap', () => {
     );
   });
 
+  it('setRange() sets exactly [first, first+count) within the block', () => {
+    fc.assert(
+      fc.property(fc.integer({ min: 1, max: 300 }), fc.nat(299), fc.nat(300), (pages, first, count) => {
+        const b = new PageBitmap(pages);
+        b.setRange(first, count);
+        for (let p = 0; p < pages; p++) assert.equal(b.get(p), p >= first && p < first + count, `page ${p}`);
+        assert.equal(b.count(), Math.max(0, Math.min(first + count, pages) - first));
+      }),
+    );
+  });
+
   it('runLength() counts long runs across words, capped by max and the block end', () => {
     fc.assert(
       fc.property(
