@@ -53,14 +53,7 @@ export class PageBitmap {
   /** Sets [first, first+count) (whole words at a time; nothing past `pages`). */
   setRange(first: number, count: number): void {
     const w = this.words;
-    let p = first;
-    const end = Math.min(first + count, this.pages);
-    while (p < end) {
-      const bit = p & 31;
-      const k = Math.min(32 - bit, end - p);
-      w[p >>> 5]! |= k === 32 ? 0xffffffff : ((1 << k) - 1) << bit;
-      p += k;
-    }
+    this.forWords(first, count, (i, mask) => (w[i]! |= mask));
   }
 
   /** this |= other (other must cover the same pages). */
@@ -109,12 +102,17 @@ export class PageBitmap {
   /** Clears `n` pages from `page` (whole words at a time). */
   clearRange(page: number, n: number): void {
     const w = this.words;
-    let p = page;
-    const end = Math.min(page + n, this.pages);
+    this.forWords(page, n, (i, mask) => (w[i]! &= ~mask));
+  }
+
+  /** f(word index, mask of its bits in [first, first+count)) for each word the range touches. */
+  private forWords(first: number, count: number, f: (i: number, mask: number) => void): void {
+    let p = first;
+    const end = Math.min(first + count, this.pages);
     while (p < end) {
       const bit = p & 31;
       const k = Math.min(32 - bit, end - p);
-      w[p >>> 5]! &= k === 32 ? 0 : ~(((1 << k) - 1) << bit);
+      f(p >>> 5, k === 32 ? 0xffffffff : ((1 << k) - 1) << bit);
       p += k;
     }
   }
