@@ -11,7 +11,8 @@
         "native/memory.cc",
         "native/uffd.cc",
         "native/fdio.cc",
-        "native/splice.cc"
+        "native/splice.cc",
+        "native/bitmap.cc"
       ],
       "include_dirs": ["<!(node -p \"require('node-addon-api').include_dir\")"],
       "dependencies": ["<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except"],

@@ -391,6 +391,10 @@ export interface Binding {
    * settled on (capped by net.core.wmem_max/rmem_max, reported doubled).
    */
   setSocketBuffer(fd: number, send: boolean, bytes: number): number;
+  /** Set bits in `bytes` (a dirty-log bitmap). */
+  bitmapCount(bytes: Uint8Array): number;
+  /** dst |= src over the shorter of the two. */
+  bitmapOr(dst: Uint8Array, src: Uint8Array): void;
   /**
    * How many of src's leading RAM records are `ZERO | CONTINUE` (fill byte 0,
    * 9 bytes each) for consecutive pages below blockLength, at most max.

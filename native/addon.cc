@@ -10,6 +10,7 @@ static Napi::Object InitFerry(Napi::Env env, Napi::Object exports) {
   ferry::InitUffd(env, exports);
   ferry::InitFdio(env, exports);
   ferry::InitSplice(env, exports);
+  ferry::InitBitmap(env, exports);
   return exports;
 }
 

@@ -11,4 +11,5 @@ void InitMemory(Napi::Env env, Napi::Object exports);   // memory.cc: GuestMemor
 void InitUffd(Napi::Env env, Napi::Object exports);     // uffd.cc: Uffd
 void InitFdio(Napi::Env env, Napi::Object exports);     // fdio.cc: FdPoller, recvWithFds
 void InitSplice(Napi::Env env, Napi::Object exports);   // splice.cc: PageSplicer
+void InitBitmap(Napi::Env env, Napi::Object exports);   // bitmap.cc: dirty-log bitmap passes
 }  // namespace ferry

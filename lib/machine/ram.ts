@@ -16,7 +16,7 @@
  * INITIALLY_SET (bit 1) turning logging on protects nothing: the first sync
  * reports every page dirty and the protection happens as pages are cleared.
  */
-import type { GuestMemory, Vm } from '../native';
+import { native, type GuestMemory, type Vm } from '../native';
 import { PageBitmap } from '../migration/bitmap';
 import { FerryError } from '../errors';
 
@@ -241,12 +241,8 @@ export class RamBlock {
 /** into |= src, where src's bit 0 is `into`'s page `firstPage`. */
 function orAt(into: PageBitmap, src: Uint8Array, firstPage: number): void {
   if (firstPage % 64 === 0) {
-    const dst = into.bytes;
     const byteOff = firstPage / 8;
-    const n = Math.min(src.length, dst.length - byteOff);
-    const d32 = new Uint32Array(dst.buffer, dst.byteOffset + byteOff, n >>> 2);
-    const s32 = new Uint32Array(src.buffer, src.byteOffset, n >>> 2);
-    for (let i = 0; i < d32.length; i++) if (s32[i]) d32[i]! |= s32[i]!;
+    native().bitmapOr(into.bytes.subarray(byteOff), src.subarray(0, Math.min(src.length, into.bytes.length - byteOff)));
     return;
   }
   const srcBm = new PageBitmap(src.length * 8, src);

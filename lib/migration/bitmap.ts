@@ -7,6 +7,8 @@
  * Invariant: bits past `pages` in the last word are always zero, so counts
  * and scans never report pages outside the block.
  */
+import { native } from '../native';
+
 export class PageBitmap {
   readonly pages: number;
   /** Backing bytes, a multiple of 8 long (KVM and RECV_BITMAP word size). */
@@ -56,11 +58,11 @@ export class PageBitmap {
     this.forWords(first, count, (i, mask) => (w[i]! |= mask));
   }
 
-  /** this |= other (other must cover the same pages). */
+  /** this |= other (other must cover the same pages). Native: a sync runs it over whole blocks. */
   or(other: PageBitmap | Uint8Array): void {
-    const src = other instanceof PageBitmap ? other.words : new Uint32Array(other.buffer, other.byteOffset, this.words.length);
-    const w = this.words;
-    for (let i = 0; i < w.length; i++) w[i]! |= src[i]!;
+    const src = other instanceof PageBitmap ? other.bytes : other;
+    if (src.byteLength < this.bytes.byteLength) throw new RangeError(`bitmap of ${src.byteLength} bytes OR-ed into one of ${this.bytes.byteLength}`);
+    native().bitmapOr(this.bytes, src);
     this.trimTail();
   }
 
@@ -71,18 +73,9 @@ export class PageBitmap {
     this.trimTail();
   }
 
-  /** Number of set bits. */
+  /** Number of set bits (native: a sync counts whole blocks). */
   count(): number {
-    let n = 0;
-    const w = this.words;
-    for (let i = 0; i < w.length; i++) {
-      let v = w[i]!;
-      if (v === 0) continue;
-      v = v - ((v >>> 1) & 0x55555555);
-      v = (v & 0x33333333) + ((v >>> 2) & 0x33333333);
-      n += (((v + (v >>> 4)) & 0x0f0f0f0f) * 0x01010101) >>> 24;
-    }
-    return n;
+    return native().bitmapCount(this.bytes);
   }
 
   /** First set page at or after `from`, or -1. */

@@ -36,7 +36,7 @@ export interface RamBlockRef {
 }
 
 const VIEW_SPAN = 1 << 30; // one external ArrayBuffer per GiB of guest RAM
-const RUN_MAX = 256; // most pages per run of the bitmap (1 MiB)
+const RUN_MAX = 2048; // most pages per run of the bitmap (8 MiB)
 const PAGE_RECORD_BYTES = 8 + TARGET_PAGE_SIZE; // be64 header + page, with CONTINUE
 const PAGE_CONTINUE = RAM_FLAG.PAGE | RAM_FLAG.CONTINUE; // low byte of such a header
 const ZERO_RECORD_BYTES = 9; // be64 header + fill byte, with CONTINUE
