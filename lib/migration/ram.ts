@@ -16,7 +16,7 @@
  *  - The loader writes only inside a block's used length: the codec checks
  *    every offset against the destination's own blocks before any copy.
  */
-import { native, type GuestMemory } from '../native';
+import type { GuestMemory } from '../native';
 import { RAM_FLAG, TARGET_PAGE_SIZE } from '../stream/constants';
 import type { StreamReader } from '../stream/reader';
 import { RamEncoder, RamRecordParser, type RamBlockInfo, type RamRecord } from '../stream/ram-codec';
@@ -167,7 +167,7 @@ export class RamSender {
 
   /**
    * Merges dirty pages reported by the dirty log (a bitmap per block, KVM
-   * layout). The scan position stays where it is, as QEMU's does: the walk
+   * layout, in block order) and counts what is pending once. The scan position stays where it is, as QEMU's does: the walk
    * finishes the current round before it wraps around to pages dirtied
    * behind it. Restarting at page 0 after every sync resent the (hot, low)
    * working set again and again while the never-sent rest of the first pass
@@ -175,13 +175,8 @@ export class RamSender {
    * not yet populated: several times slower than a page the destination
    * already holds.
    */
-  mergeDirty(index: number, kvmBitmap: Uint8Array | PageBitmap): void {
-    const b = this.blocks[index]!;
-    b.bitmap.or(kvmBitmap);
-    this.recount();
-  }
-
-  recount(): void {
+  mergeDirty(kvmBitmaps: readonly (Uint8Array | PageBitmap)[]): void {
+    for (let i = 0; i < this.blocks.length; i++) this.blocks[i]!.bitmap.or(kvmBitmaps[i]!);
     this.dirty = this.blocks.reduce((n, b) => n + b.bitmap.count(), 0);
   }
 
@@ -313,7 +308,6 @@ export class RamLoader {
     }
     this.parser = new RamRecordParser(reader, {
       blocks: infos,
-      zeroRecordRun: native().zeroRecordRun,
       pageTarget: (block, offset) => {
         if (this.zeroViews) this.applyZeros();
         return this.byName.get(block.idstr)!.page(offset);

@@ -269,7 +269,7 @@ export class OutgoingMigration extends EventEmitter {
   private sync(sender: RamSender): void {
     const m = this.machine;
     const before = sender.dirtyPages;
-    for (let i = 0; i < m.ramBlocks.length; i++) sender.mergeDirty(i, m.dirtyLogSync(i));
+    sender.mergeDirty(m.ramBlocks.map((_, i) => m.dirtyLogSync(i)));
     sender.allProtected();
     this.stats.onSync(Math.max(0, sender.dirtyPages - before));
     this.stats.setRemainingPages(sender.dirtyPages);

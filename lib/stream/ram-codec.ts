@@ -18,6 +18,7 @@
  * the caller supplies (guest memory).
  */
 import { RAM_FLAG, RAM_FLAGS_ALL, RAM_FLAGS_MASK, TARGET_PAGE_SIZE, MAX_IDSTR_LEN } from './constants';
+import { native } from '../native';
 import { printable } from './errors';
 import type { StreamReader } from './reader';
 import type { StreamWriter } from './writer';
@@ -225,11 +226,6 @@ export interface RamParserOptions {
   pageTarget?: (block: RamBlockInfo, offset: number) => Uint8Array | undefined;
   /** MEM_SIZE layout options (must match the source). */
   memSize?: MemSizeOptions;
-  /**
-   * A faster count of the leading run tryZeroRun() takes (the native
-   * zeroRecordRun); the same rule as its JavaScript loop.
-   */
-  zeroRecordRun?: (src: Uint8Array, blockLength: number, max: number) => number;
   /** At most this many blocks in one MEM_SIZE list (default 4096). */
   maxBlocks?: number;
 }
@@ -259,7 +255,6 @@ export class RamRecordParser {
   private readonly pageTarget: RamParserOptions['pageTarget'];
   private readonly memOpts: MemSizeOptions;
   private readonly maxBlocks: number;
-  private readonly zeroRecordRun: RamParserOptions['zeroRecordRun'];
   private lastName: Buffer | undefined;
 
   constructor(reader: StreamReader, opts: RamParserOptions = {}) {
@@ -269,7 +264,6 @@ export class RamRecordParser {
     this.pageTarget = opts.pageTarget;
     this.memOpts = opts.memSize ?? {};
     this.maxBlocks = opts.maxBlocks ?? 4096;
-    this.zeroRecordRun = opts.zeroRecordRun;
   }
 
   /** Forget the last block (new channel). */
@@ -350,31 +344,13 @@ export class RamRecordParser {
     if (!block) return undefined;
     const buf = this.reader.currentView();
     const want = RAM_FLAG.ZERO | RAM_FLAG.CONTINUE;
-    const len = buf.length;
-    if (len < ZERO_RECORD_BYTES || (buf[7]! & 0xff) !== want || buf[6]! & 0x0f) return undefined;
-    if (this.zeroRecordRun) {
-      const n = this.zeroRecordRun(buf, block.usedLength, max);
-      if (n === 0) return undefined;
-      const hi = ((buf[0]! << 24) | (buf[1]! << 16) | (buf[2]! << 8) | buf[3]!) >>> 0;
-      const lo = ((buf[4]! << 24) | (buf[5]! << 16) | (buf[6]! << 8) | buf[7]!) >>> 0;
-      this.reader.skip(n * ZERO_RECORD_BYTES);
-      return { block, offset: hi * TWO32 + (lo - want), count: n };
-    }
-    let first = -1;
-    let count = 0;
-    for (let at = 0; at + ZERO_RECORD_BYTES <= len && count < max; at += ZERO_RECORD_BYTES) {
-      const hi = ((buf[at]! << 24) | (buf[at + 1]! << 16) | (buf[at + 2]! << 8) | buf[at + 3]!) >>> 0;
-      const lo = ((buf[at + 4]! << 24) | (buf[at + 5]! << 16) | (buf[at + 6]! << 8) | buf[at + 7]!) >>> 0;
-      if ((lo & RAM_FLAGS_MASK) !== want || buf[at + 8] !== 0 || hi >= 0x200000) break;
-      const offset = hi * TWO32 + (lo - want);
-      if (first < 0) first = offset;
-      else if (offset !== first + count * TARGET_PAGE_SIZE) break;
-      if (offset + TARGET_PAGE_SIZE > block.usedLength) break;
-      count++;
-    }
+    if (buf.length < ZERO_RECORD_BYTES || buf[7] !== want || buf[6]! & 0x0f) return undefined;
+    const count = native().zeroRecordRun(buf, block.usedLength, max); // a million per idle 4 GiB
     if (count === 0) return undefined;
+    const hi = ((buf[0]! << 24) | (buf[1]! << 16) | (buf[2]! << 8) | buf[3]!) >>> 0;
+    const lo = ((buf[4]! << 24) | (buf[5]! << 16) | (buf[6]! << 8) | buf[7]!) >>> 0;
     this.reader.skip(count * ZERO_RECORD_BYTES);
-    return { block, offset: first, count };
+    return { block, offset: hi * TWO32 + (lo - want), count };
   }
 
   /** The next record, waiting for data as needed. */

@@ -48,6 +48,16 @@ function make(guest: 'memwriter' | 'ticker', append: string, extra: Partial<Mach
   return { m, sink };
 }
 
+/** A machine made, loaded and running, once its guest has printed `ticks` tick lines. */
+async function started(guest: 'memwriter' | 'ticker', append: string, ticks: number, open: Machine[], extra: Partial<MachineConfig> = {}): Promise<{ m: Machine; sink: TextSink }> {
+  const r = make(guest, append, extra);
+  open.push(r.m);
+  r.m.loadGuest();
+  await r.m.cont();
+  await until('ticks', 60_000, () => r.sink.ticks().length >= ticks, r.sink);
+  return r;
+}
+
 function threadCount(): number {
   return fs.readdirSync('/proc/self/task').length;
 }
@@ -96,11 +106,7 @@ describe(`machine: in-process on KVM${why}`, function () {
   });
 
   it('dirty log: reports the pages the guest writes, nothing once stopped', async () => {
-    const { m, sink } = make('memwriter', 'ws=8M rate=40M');
-    open.push(m);
-    m.loadGuest();
-    await m.cont();
-    await until('ticks', 60_000, () => sink.ticks().length >= 2, sink);
+    const { m } = await started('memwriter', 'ws=8M rate=40M', 2, open);
     const block = m.ramBlocks[0]!;
     assert.equal(block.idstr, 'pc.ram');
     const bm = new PageBitmap(block.pages);
@@ -123,11 +129,7 @@ describe(`machine: in-process on KVM${why}`, function () {
   });
 
   it('dirty log, deferred protection (INITIALLY_SET): every page reads dirty until protectPages covers it, to the page', async () => {
-    const { m, sink } = make('memwriter', 'ws=8M rate=40M');
-    open.push(m);
-    m.loadGuest();
-    await m.cont();
-    await until('ticks', 60_000, () => sink.ticks().length >= 2, sink);
+    const { m } = await started('memwriter', 'ws=8M rate=40M', 2, open);
     assert.deepEqual(m.dirtyLog, { manualProtect: true, initiallySet: true }, 'this host has KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with INITIALLY_SET');
     await m.stop(); // no guest write may blur the counts below
     const block = m.ramBlocks[0]!;
@@ -185,11 +187,7 @@ describe(`machine: in-process on KVM${why}`, function () {
 
   it('capture/restore at arbitrary points of serial I/O keeps the output intact (pending I/O completed by pause)', async () => {
     // tick=1: the guest prints continuously, so most stops land on a port-I/O exit.
-    const { m, sink } = make('ticker', 'hz=1000 tick=1');
-    open.push(m);
-    m.loadGuest();
-    await m.cont();
-    await until('ticks', 60_000, () => sink.ticks().length >= 5, sink);
+    const { m, sink } = await started('ticker', 'hz=1000 tick=1', 5, open);
     for (let i = 0; i < 25; i++) {
       await sleep(3 + (i % 7));
       await m.stop();
@@ -221,11 +219,7 @@ describe(`machine: in-process on KVM${why}`, function () {
   });
 
   it('2 vCPUs: APIC ids, AP waits for SIPI, state round trip', async () => {
-    const { m, sink } = make('ticker', '', { cpus: 2 });
-    open.push(m);
-    m.loadGuest();
-    await m.cont();
-    await until('ticks', 60_000, () => sink.ticks().length >= 2, sink);
+    const { m, sink } = await started('ticker', '', 2, open, { cpus: 2 });
     await m.stop();
     const st = m.captureState();
     assert.equal(st.vcpus.length, 2);
